@@ -1,0 +1,1 @@
+"""Container lifecycle controller (see issue: lifecycle)."""
