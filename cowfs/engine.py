@@ -109,11 +109,45 @@ class UnionFS:
         if not self.stack.writable:
             raise OSError(errno.EROFS, "read-only file system")
 
+    # Non-directories hold no fd (the fd budget is small: thousands, not millions of inodes);
+    # they are reached as (parent's directory fd in their layer, name). Directories, and
+    # non-directories that lost their last name while still in use ("pinned"), hold an fd.
+
+    def _loc(self, inode: Inode) -> tuple[int, bytes]:
+        for pino, name in inode.links:
+            parent = self.table.inodes.get(pino)
+            if parent is not None:
+                src = parent.source(inode.layer)
+                if src is not None:
+                    return src.fd, name
+        raise OSError(errno.ESTALE, "the inode has no name left")
+
     def _stat(self, inode: Inode) -> os.stat_result:
-        return os.fstat(inode.fd)
+        if inode.fd >= 0:
+            return os.fstat(inode.fd)
+        dfd, name = self._loc(inode)
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+
+    def _opath(self, inode: Inode) -> int:
+        """A new O_PATH fd on the backing object; the caller closes it."""
+        if inode.fd >= 0:
+            return os.dup(inode.fd)
+        dfd, name = self._loc(inode)
+        return os.open(name, O_PATH_NOFOLLOW, dir_fd=dfd)
+
+    def _reopen(self, inode: Inode, flags: int) -> int:
+        if inode.fd >= 0:
+            return os.open(fdpath(inode.fd), flags | os.O_CLOEXEC)
+        dfd, name = self._loc(inode)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+
+    def _pin(self, inode: Inode | None) -> None:
+        """Keep reaching an object whose last known name is about to go (unlink, rename over)."""
+        if inode is not None and not inode.is_dir and inode.fd < 0 and len(inode.links) <= 1:
+            inode.fd = self._opath(inode)
 
     def attr(self, inode: Inode) -> Attr:
-        st = os.fstat(inode.fd)
+        st = self._stat(inode)
         nlink = st.st_nlink
         if inode.is_dir and len(inode.sources) > 1:
             nlink = 1  # kernel overlayfs: merged directories report 1 ("pacifies find")
@@ -136,11 +170,14 @@ class UnionFS:
         self._synth += 1
         return self._synth
 
-    @staticmethod
-    def _xpath(inode: Inode) -> tuple[str, bool]:
-        """Following a /proc/self/fd link reaches exactly the object behind the fd, even when it
-        is a symlink (checked), so xattr calls go through it."""
-        return fdpath(inode.fd), True
+    def _xpath(self, inode: Inode) -> tuple[bytes, bool]:
+        """A path and follow flag for xattr calls. Following a /proc/self/fd link reaches exactly
+        the object behind the fd, even a symlink (checked); otherwise the final name is not
+        followed."""
+        if inode.fd >= 0:
+            return os.fsencode(fdpath(inode.fd)), True
+        dfd, name = self._loc(inode)
+        return os.fsencode(fdpath(dfd)) + b"/" + name, False
 
     def _link(self, inode: Inode) -> tuple[Inode, bytes]:
         for pino, name in inode.links:
@@ -245,7 +282,7 @@ class UnionFS:
             fd = sources[0].fd
         else:
             sources = []
-            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.source(top).fd)
+            fd = -1
         ino = self._ino_for(res, seen, fd, key, parent, name)
         old = self.table.inodes.get(ino)
         if old is not None:
@@ -332,7 +369,10 @@ class UnionFS:
 
     def readlink(self, ino: int) -> bytes:
         inode = self.table.get(ino)
-        return os.fsencode(os.readlink("", dir_fd=inode.fd))
+        if inode.fd >= 0:
+            return os.fsencode(os.readlink("", dir_fd=inode.fd))
+        dfd, name = self._loc(inode)
+        return os.readlink(name, dir_fd=dfd)
 
     # ------------------------------------------------------------------ directories
 
@@ -451,29 +491,33 @@ class UnionFS:
         self._need_writable()
         parent, name = self._link(inode)
         pfd = self._upper_dir(parent)
-        st = os.fstat(inode.fd)
-        extra = {self.ino_xattr: b"%d" % inode.ino}
-        args = (inode.fd, st, self.stack.work_fd, pfd, name, with_data, self.sync, extra)
-        if stat.S_ISREG(st.st_mode) and with_data and st.st_size > BIG_COPY:
-            done = self._busy[inode.ino] = trio.Event()
-            try:
-                await trio.to_thread.run_sync(copyup.copy_up, *args, limiter=self.limiter)
-            finally:
-                del self._busy[inode.ino]
-                done.set()
-        else:
-            copyup.copy_up(*args)
-        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=pfd)
-        old = inode.fd
-        inode.fd, inode.layer = fd, 0
-        ust = os.fstat(fd)
+        src = self._opath(inode)
+        try:
+            st = os.fstat(src)
+            extra = {self.ino_xattr: b"%d" % inode.ino}
+            args = (src, st, self.stack.work_fd, pfd, name, with_data, self.sync, extra)
+            if stat.S_ISREG(st.st_mode) and with_data and st.st_size > BIG_COPY:
+                done = self._busy[inode.ino] = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(copyup.copy_up, *args, limiter=self.limiter)
+                finally:
+                    del self._busy[inode.ino]
+                    done.set()
+            else:
+                copyup.copy_up(*args)
+        finally:
+            os.close(src)
+        # The copy now answers for every name this inode had in the parent (kernel default:
+        # copy-up breaks lower hard links, so that is exactly one).
+        inode.links = {(parent.ino, name)}
+        inode.layer = 0
+        ust = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.table.rekey(inode, ("o", ust.st_dev, ust.st_ino))
         for h in inode.handles:
             # Readers opened before the copy-up must see the new data from now on.
-            new = os.open(fdpath(fd), (h.flags & ~os.O_TRUNC) | os.O_CLOEXEC)
+            new = self._reopen(inode, h.flags & ~os.O_TRUNC)
             os.close(h.fd)
             h.fd = new
-        os.close(old)
 
     # ------------------------------------------------------------------ files
 
@@ -488,7 +532,7 @@ class UnionFS:
     def _open_handle(self, inode: Inode, flags: int, fd: int = -1) -> FileHandle:
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT)
         if fd < 0:
-            fd = os.open(fdpath(inode.fd), flags | os.O_CLOEXEC)
+            fd = self._reopen(inode, flags)
         h = FileHandle(inode, fd, flags & ~os.O_TRUNC)
         fh = self._new_fh()
         self.handles[fh] = h
@@ -543,14 +587,13 @@ class UnionFS:
                 self._upper_dir(inode)
             else:
                 await self._copy_up(inode, with_data=size != 0)
-        st = os.fstat(inode.fd)
-        is_link = stat.S_ISLNK(st.st_mode)
+        is_link = stat.S_ISLNK(self._stat(inode).st_mode)
         if size is not None:
             h = self.handles.get(fh) if fh is not None else None
             if h is not None and h.flags & os.O_ACCMODE != os.O_RDONLY:
                 os.ftruncate(h.fd, size)
             else:
-                tfd = os.open(fdpath(inode.fd), os.O_WRONLY | os.O_CLOEXEC)
+                tfd = self._reopen(inode, os.O_WRONLY)
                 try:
                     os.ftruncate(tfd, size)
                 finally:
@@ -558,25 +601,29 @@ class UnionFS:
         if uid is not None or gid is not None:
             u = -1 if uid is None else uid
             g = -1 if gid is None else gid
-            if is_link:
-                parent, name = self._link(inode)
-                os.chown(name, u, g, dir_fd=parent.source(0).fd, follow_symlinks=False)
-            else:
+            if inode.fd >= 0:
                 os.chown(fdpath(inode.fd), u, g)
+            else:
+                dfd, name = self._loc(inode)
+                os.chown(name, u, g, dir_fd=dfd, follow_symlinks=False)
         if mode is not None and not is_link:
-            os.chmod(fdpath(inode.fd), stat.S_IMODE(mode))
+            # Linux has no chmod that refuses symlinks: pin the object, check it, chmod it.
+            pfd = self._opath(inode)
+            try:
+                if not stat.S_ISLNK(os.fstat(pfd).st_mode):
+                    os.chmod(fdpath(pfd), stat.S_IMODE(mode))
+            finally:
+                os.close(pfd)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                cur = os.fstat(inode.fd)
+                cur = self._stat(inode)
                 atime_ns = cur.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = cur.st_mtime_ns if mtime_ns is None else mtime_ns
-            if is_link:
-                parent, name = self._link(inode)
-                os.utime(
-                    name, ns=(atime_ns, mtime_ns), dir_fd=parent.source(0).fd, follow_symlinks=False
-                )
-            else:
+            if inode.fd >= 0:
                 os.utime(fdpath(inode.fd), ns=(atime_ns, mtime_ns))
+            else:
+                dfd, name = self._loc(inode)
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
         return self.attr(inode)
 
     # ------------------------------------------------------------------ xattrs
@@ -750,17 +797,19 @@ class UnionFS:
         parent, pfd, over = self._prepare_create(new_parent_ino, new_name)
         await self._copy_up(inode)
         pfd = self._upper_dir(parent)  # again: the await may have let the parent change
-        src = fdpath(inode.fd)
+        sdfd, sname = self._loc(inode)
         if over:
             tmp = copyup.temp_name()
-            os.link(src, tmp, dst_dir_fd=self.stack.work_fd, follow_symlinks=True)
+            os.link(
+                sname, tmp, src_dir_fd=sdfd, dst_dir_fd=self.stack.work_fd, follow_symlinks=False
+            )
             try:
                 self._place(tmp, pfd, new_name)
             except BaseException:
                 os.unlink(tmp, dir_fd=self.stack.work_fd)
                 raise
         else:
-            os.link(src, new_name, dst_dir_fd=pfd, follow_symlinks=True)
+            os.link(sname, new_name, src_dir_fd=sdfd, dst_dir_fd=pfd, follow_symlinks=False)
         inode.links.add((parent.ino, new_name))
         return self.attr(self._finish_create(parent, new_name))
 
@@ -789,6 +838,7 @@ class UnionFS:
             raise OSError(errno.EISDIR, "is a directory")
         await self._wait_idle(inode)
         pfd = self._upper_dir(parent)
+        self._pin(inode)
         if inode.layer == 0:
             if self._lower_has(parent, name).kind is not Kind.ABSENT:
                 tmp = self._whiteout_in_work()
@@ -888,6 +938,8 @@ class UnionFS:
                 src.links.add((new_p.ino, new_name))
                 dst.links.add((old_p.ino, old_name))
                 return
+            if dst is not None and dst is not src:
+                self._pin(dst)
             if dst is not None and dst.is_dir and dst.layer == 0:
                 purge_dir(dst.fd)  # merged-empty: only whiteouts are left in it
             need_whiteout = self._lower_has(old_p, old_name).kind is not Kind.ABSENT
