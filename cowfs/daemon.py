@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import stat
-import sys
 
 from cowfs.errors import EXIT_MOUNT, EXIT_PATH, UserError
 from cowfs.layers import LayerStack
@@ -140,10 +139,8 @@ def _serve(stack: LayerStack, mountpoint: str, opts: set[str], ready_fd: int | N
     if ready_fd is not None:
         # Nothing else may write to the terminal of the command that started us.
         null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
+        for fd in (0, 1, 2):
             os.dup2(null, fd)
-        if not logging.getLogger().handlers or _logs_to_stderr():
-            os.dup2(null, 2)
         os.close(null)
         _report(ready_fd, "OK")
 
@@ -174,10 +171,3 @@ def _serve(stack: LayerStack, mountpoint: str, opts: set[str], ready_fd: int | N
     if ops.internal_errors:
         log.error("%d internal errors while mounted", ops.internal_errors)
     return code
-
-
-def _logs_to_stderr() -> bool:
-    return any(
-        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
-        for h in logging.getLogger().handlers
-    )

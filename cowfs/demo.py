@@ -335,14 +335,19 @@ class Demo:
         argv = [sys.executable, "-m", "cowfs", "-o", opts, str(self.mnt)]
         explain("lowerdir= lists the layers top first; cowfs returns once the mount is ready.")
         show_cmd(["cowfs", "-o", opts, str(self.mnt)])
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        except subprocess.TimeoutExpired:
-            out("\n  cowfs did not return within 60 s")
-            return 1
+        # Its output goes to a file, not a pipe: a daemon that kept the pipe open would make
+        # waiting for end-of-file hang.
+        with tempfile.TemporaryFile("w+") as log:
+            try:
+                r = subprocess.run(argv, stdout=log, stderr=log, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                out("\n  cowfs did not return within 60 s")
+                return 1
+            log.seek(0)
+            output = log.read()
         if r.returncode != 0:
             out(f"\n  cowfs failed with exit code {r.returncode}:")
-            out(indent(r.stderr or r.stdout or "(no output)"))
+            out(indent(output or "(no output)"))
             return r.returncode
         if not is_mounted(self.mnt):
             out("\n  cowfs returned 0 but nothing is mounted there")

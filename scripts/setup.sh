@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Set this machine up for cowfs. Idempotent, and silent when there is nothing to do.
+#
+#   scripts/setup.sh [--bench]
+#
+# 1. Debian packages (as root): fuse3 (fusermount3, mount.fuse3), libfuse3-dev, pkg-config and gcc
+#    (to build pyfuse3), attr (getfattr/setfattr). --bench or COWFS_SETUP_BENCH=1 adds fio and
+#    fuse-overlayfs. `apt-get update` runs only when something is missing.
+# 2. A virtualenv in <repo>/.venv with `pip install -e '.[test]'`, redone only when pyproject.toml,
+#    the Python or the checkout's path changed (stamp: .venv/.cowfs-stamp).
+# 3. The mount(8) helper wiring (as root): /usr/local/bin/cowfs -> <repo>/.venv/bin/cowfs.
+#    `mount -t fuse.cowfs` runs /sbin/mount.fuse (fuse3's link to mount.fuse3), which runs `cowfs`
+#    with PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin.
+#
+# Environment: PYTHON (default python3) picks the interpreter for the venv.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.cowfs-stamp"
+PYTHON="${PYTHON:-python3}"
+HELPER_LINK=/usr/local/bin/cowfs
+BENCH="${COWFS_SETUP_BENCH:-0}"
+
+say() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+for arg in "$@"; do
+    case "$arg" in
+        --bench) BENCH=1 ;;
+        -h | --help)
+            sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *) echo "setup: unknown argument: $arg (usage: scripts/setup.sh [--bench])" >&2; exit 2 ;;
+    esac
+done
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# --- 1. Debian packages --------------------------------------------------------------------------
+pkgs=(fuse3 libfuse3-dev pkg-config gcc attr)
+[ "$BENCH" = 1 ] && pkgs+=(fio fuse-overlayfs)
+
+command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)
+if command -v "$PYTHON" >/dev/null 2>&1; then
+    # pyfuse3 compiles against Python.h; Debian's own python3 needs python3-dev and python3-venv
+    # (a pyenv or python.org build ships both).
+    py_inc="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    py_exe="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+    if [ ! -f "$py_inc/Python.h" ]; then
+        case "$py_exe" in
+            /usr/bin/*) pkgs+=(python3-dev) ;;
+            *) die "$py_exe has no C headers ($py_inc/Python.h); pyfuse3 cannot be built" ;;
+        esac
+    fi
+    if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        case "$py_exe" in
+            /usr/bin/*) pkgs+=(python3-venv) ;;
+            *) die "$py_exe cannot create virtualenvs (no venv/ensurepip module)" ;;
+        esac
+    fi
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" = "install ok installed" ] || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    is_root || die "missing Debian packages: ${missing[*]} (run this script as root, or apt-get install them)"
+    say "installing Debian packages: ${missing[*]}"
+    log="$(mktemp)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "apt-get failed"
+    fi
+    rm -f "$log"
+fi
+
+if [ ! -e /dev/fuse ]; then
+    if is_root && command -v modprobe >/dev/null 2>&1; then
+        modprobe fuse >/dev/null 2>&1 || true
+    fi
+    [ -e /dev/fuse ] || say "warning: /dev/fuse is missing: real mounts (the demo, the 'fuse' tests) cannot run here"
+fi
+
+# --- 2. The virtualenv -----------------------------------------------------------------------------
+want_stamp="$(
+    {
+        sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1
+        echo "$ROOT"
+        "$PYTHON" -c 'import sys; print(sys.executable, sys.version)'
+    } | sha256sum | cut -d' ' -f1
+)"
+have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
+
+py_version="$("$PYTHON" -c 'import sys; print(sys.version)')"
+venv_ok() {
+    # Usable, made from the same Python, and made at this path: a copied checkout's venv has #! lines
+    # and an editable install that point at the old place, so it is rebuilt rather than patched.
+    [ -x "$VENV/bin/python" ] &&
+        [ "$("$VENV/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null)" = "$py_version" ] &&
+        [[ "$(head -n1 "$VENV/bin/pip" 2>/dev/null)" == "#!$VENV/bin/python"* ]]
+}
+
+if [ "$want_stamp" != "$have_stamp" ] || [ ! -x "$VENV/bin/cowfs" ] || ! venv_ok; then
+    if ! venv_ok; then
+        say "creating virtualenv $VENV"
+        rm -rf "$VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    say "installing cowfs and its test tools into .venv (pip install -e '.[test]')"
+    log="$(mktemp)"
+    # PIP_NO_WARN_SCRIPT_LOCATION and the filter keep pip's chatter (this machine's extra
+    # file:// indexes, its version check) out of the output; a failure prints everything.
+    if ! (cd "$ROOT" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 \
+        "$VENV/bin/python" -m pip install -q -e '.[test]') >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "pip install failed"
+    fi
+    grep -v -E "file:///|^WARNING: Location|^WARNING: Retrying|^\s*$|^WARNING: You are using pip|^You should consider upgrading" \
+        "$log" >&2 || true
+    rm -f "$log"
+    echo "$want_stamp" >"$STAMP"
+fi
+
+# --- 3. The mount(8) helper ------------------------------------------------------------------------
+target="$VENV/bin/cowfs"
+if is_root; then
+    if [ -L "$HELPER_LINK" ] || [ ! -e "$HELPER_LINK" ]; then
+        if [ "$(readlink "$HELPER_LINK" 2>/dev/null || true)" != "$target" ]; then
+            ln -sfn "$target" "$HELPER_LINK"
+            say "linked $HELPER_LINK -> $target (for mount -t fuse.cowfs)"
+        fi
+    else
+        say "warning: $HELPER_LINK exists and is not a symlink; left alone, so mount -t fuse.cowfs runs it"
+    fi
+    if [ ! -x /sbin/mount.fuse ] && [ ! -x /sbin/mount.fuse.cowfs ]; then
+        say "warning: /sbin/mount.fuse is missing (package fuse3): mount -t fuse.cowfs will not work"
+    fi
+fi
