@@ -272,10 +272,7 @@ class UnionFS:
         if inode is not None:
             for layer in res.layers if is_dir else ():
                 os.close(seen[layer].fd)
-            if is_dir:
-                inode.links = {(parent.ino, name)}
-            else:
-                inode.links.add((parent.ino, name))
+            self.table.add_link(inode, parent.ino, name)
             return inode
         if is_dir:
             sources = [Source(layer, seen[layer].fd, seen[layer].xwh) for layer in res.layers]
@@ -294,8 +291,9 @@ class UnionFS:
                 self.table.by_key.pop(old.key, None)
                 old.ino = self._new_synth()
                 self.table.inodes[old.ino] = old
-        inode = Inode(ino, is_dir, fd, top, key, sources=sources, links={(parent.ino, name)})
+        inode = Inode(ino, is_dir, fd, top, key, sources=sources)
         self.table.add(inode)
+        self.table.add_link(inode, parent.ino, name)
         return inode
 
     def _ino_for(
@@ -336,6 +334,9 @@ class UnionFS:
         return self._map_ino(st.st_dev, st.st_ino)
 
     def _lookup_inode(self, parent: Inode, name: bytes) -> Inode | None:
+        inode = self.table.cached(parent.ino, name)
+        if inode is not None:
+            return inode
         res, seen = self._probe(parent, name)
         if res.kind is Kind.ABSENT:
             return None
@@ -422,8 +423,11 @@ class UnionFS:
         return [(n, Kind.WHITEOUT) for n in hidden] + out
 
     def _listing(self, inode: Inode) -> list[bytes]:
-        merged = merge_listing([(s.layer, self._layer_entries(s)) for s in inode.sources])
-        return [os.fsencode(n) for n in merged]
+        """The merged names; cached until a name in the directory changes (only we change it)."""
+        if inode.listing is None:
+            merged = merge_listing([(s.layer, self._layer_entries(s)) for s in inode.sources])
+            inode.listing = [os.fsencode(n) for n in merged]
+        return inode.listing
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr | None, int]]:
         """Yields (name, attrs, next offset). Offsets 0/1 are '.' and '..'; the caller counts a
@@ -696,6 +700,7 @@ class UnionFS:
         if res.kind is not Kind.ABSENT:
             raise OSError(errno.EEXIST, "file exists")
         pfd = self._upper_dir(parent)
+        parent.listing = None
         st = self._upper_entry(pfd, name)
         over_whiteout = st is not None
         if st is not None and not is_whiteout_stat(st.st_mode, st.st_rdev):
@@ -810,7 +815,7 @@ class UnionFS:
                 raise
         else:
             os.link(sname, new_name, src_dir_fd=sdfd, dst_dir_fd=pfd, follow_symlinks=False)
-        inode.links.add((parent.ino, new_name))
+        self.table.add_link(inode, parent.ino, new_name)
         return self.attr(self._finish_create(parent, new_name))
 
     def _whiteout_in_work(self) -> bytes:
@@ -819,8 +824,9 @@ class UnionFS:
         return tmp
 
     def _drop_link(self, parent: Inode, name: bytes, inode: Inode | None) -> None:
+        parent.listing = None
         if inode is not None:
-            inode.links.discard((parent.ino, name))
+            self.table.drop_link(inode, parent.ino, name)
 
     def _known(self, parent: Inode, name: bytes, res: Resolution, seen: dict[int, _Seen]) -> Inode:
         """The inode behind a resolved name (interned without counting a kernel lookup)."""
@@ -925,6 +931,7 @@ class UnionFS:
             else:
                 raise OSError(errno.EBUSY, "rename kept racing with copy-up")
             # From here to the end: no await.
+            old_p.listing = new_p.listing = None
             opfd = self._upper_dir(old_p)
             npfd = self._upper_dir(new_p)
             if src.is_dir and self._lower_has(new_p, new_name).kind is Kind.DIR:
@@ -933,10 +940,13 @@ class UnionFS:
                 if dst.is_dir and self._lower_has(old_p, old_name).kind is Kind.DIR:
                     os.setxattr(fdpath(dst.fd), self.opaque_xattr, b"y")
                 _sys.renameat2(opfd, old_name, npfd, new_name, _sys.RENAME_EXCHANGE)
-                src.links.discard((old_p.ino, old_name))
-                dst.links.discard((new_p.ino, new_name))
-                src.links.add((new_p.ino, new_name))
-                dst.links.add((old_p.ino, old_name))
+                t = self.table
+                t.add_link(src, new_p.ino, new_name)
+                t.add_link(dst, old_p.ino, old_name)
+                if not src.is_dir:
+                    t.drop_link(src, old_p.ino, old_name)
+                if not dst.is_dir:
+                    t.drop_link(dst, new_p.ino, new_name)
                 return
             if dst is not None and dst is not src:
                 self._pin(dst)
@@ -964,13 +974,11 @@ class UnionFS:
                     os.mknod(old_name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=opfd)
             else:
                 _sys.renameat2(opfd, old_name, npfd, new_name, rflags)
-            if src.is_dir:
-                src.links = {(new_p.ino, new_name)}
-            else:
-                src.links.discard((old_p.ino, old_name))
-                src.links.add((new_p.ino, new_name))
             if dst is not None and dst is not src:
-                dst.links.discard((new_p.ino, new_name))
+                self.table.drop_link(dst, new_p.ino, new_name)
+            self.table.add_link(src, new_p.ino, new_name)
+            if not src.is_dir:
+                self.table.drop_link(src, old_p.ino, old_name)
         finally:
             for inode in (src, dst):
                 if inode is not None:

@@ -40,6 +40,7 @@ class Inode:
     nlookup: int = 0
     nopen: int = 0
     handles: set[FileHandle] = field(default_factory=set)
+    listing: list[bytes] | None = None  # merged names of a directory, dropped on any change
 
     @property
     def in_upper(self) -> bool:
@@ -76,6 +77,31 @@ class InodeTable:
     def __init__(self) -> None:
         self.inodes: dict[int, Inode] = {}
         self.by_key: dict[tuple, Inode] = {}
+        # (parent ino, name) -> inode, valid only while that pair is in the inode's links.
+        self.dcache: dict[tuple[int, bytes], Inode] = {}
+
+    def cached(self, parent_ino: int, name: bytes) -> Inode | None:
+        inode = self.dcache.get((parent_ino, name))
+        if inode is not None and (parent_ino, name) in inode.links:
+            return inode
+        return None
+
+    def add_link(self, inode: Inode, parent_ino: int, name: bytes) -> None:
+        if inode.is_dir:
+            for old in inode.links:
+                self.dcache.pop(old, None)
+            inode.links = set()
+        inode.links.add((parent_ino, name))
+        self.dcache[(parent_ino, name)] = inode
+
+    def drop_link(self, inode: Inode, parent_ino: int, name: bytes) -> None:
+        """A name stops meaning this inode; with no name left, its backing identity is retired
+        too, so a new object that reuses the host inode number is never mistaken for it."""
+        inode.links.discard((parent_ino, name))
+        if self.dcache.get((parent_ino, name)) is inode:
+            del self.dcache[(parent_ino, name)]
+        if not inode.links:
+            self.rekey(inode, ("gone", inode.ino))
 
     def __len__(self) -> int:
         return len(self.inodes)
@@ -105,6 +131,9 @@ class InodeTable:
             del self.inodes[inode.ino]
         if self.by_key.get(inode.key) is inode:
             del self.by_key[inode.key]
+        for link in inode.links:
+            if self.dcache.get(link) is inode:
+                del self.dcache[link]
         inode.close_fds()
 
     def forget(self, ino: int, n: int) -> None:
