@@ -1,0 +1,43 @@
+"""The module layering of architecture.md, enforced: pure modules stay pure, only the adapter and
+the daemon know pyfuse3, only _sys knows ctypes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PURE = {"cowfs/union.py", "cowfs/ondisk.py", "cowfs/options.py", "cowfs/errors.py"}
+PYFUSE3_ALLOWED = {"cowfs/fuse_ops.py", "cowfs/daemon.py"}
+CTYPES_ALLOWED = {"cowfs/_sys.py"}
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+MODULES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cowfs").glob("*.py"))
+
+
+@pytest.mark.parametrize("mod", MODULES)
+def test_layering(mod: str) -> None:
+    used = imports(ROOT / mod)
+    if mod in PURE:
+        assert not used & {"os", "trio", "pyfuse3", "ctypes", "fcntl", "shutil"}, used
+    if mod not in PYFUSE3_ALLOWED:
+        assert "pyfuse3" not in used
+    if mod not in CTYPES_ALLOWED:
+        assert not used & {"ctypes", "fcntl"}
+
+
+def test_union_rules_import_nothing_with_effects() -> None:
+    assert imports(ROOT / "cowfs/union.py") <= {"__future__", "collections", "dataclasses", "cowfs"}
