@@ -15,7 +15,7 @@ import os
 import stat
 
 from cowfs import _sys
-from cowfs.layers import fdpath
+from cowfs.layers import chmod_nofollow, fdpath
 from cowfs.ondisk import is_private_xattr
 
 __all__ = ["build_temp", "copy_data", "copy_up", "install", "temp_name"]
@@ -144,7 +144,7 @@ def build_temp(
         os.setxattr(dst_p, n, v, follow_symlinks=False)
     os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
     if not stat.S_ISLNK(mode):
-        os.chmod(tmp, stat.S_IMODE(mode), dir_fd=work_fd)  # not a symlink: we just made it
+        chmod_nofollow(work_fd, tmp, stat.S_IMODE(mode))
     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work_fd, follow_symlinks=False)
 
 

@@ -27,6 +27,7 @@ from cowfs.layers import (
     O_PATH_NOFOLLOW,
     LayerStack,
     check_name,
+    chmod_nofollow,
     fdpath,
     is_xattr_whiteout,
     purge_dir,
@@ -470,17 +471,21 @@ class UnionFS:
             return inode.fd
         parent, name = self._link(inode)
         pfd = self._upper_dir(parent)
-        st = os.fstat(inode.fd)
-        copyup.copy_up(
-            inode.fd,
-            st,
-            self.stack.work_fd,
-            pfd,
-            name,
-            sync=self.sync,
-            extra_xattrs={self.ino_xattr: b"%d" % inode.ino},
-        )
-        fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=pfd)
+        try:
+            # A copy an interrupted earlier attempt installed but never adopted.
+            fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=pfd)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            st = os.fstat(inode.fd)
+            copyup.copy_up(
+                inode.fd,
+                st,
+                self.stack.work_fd,
+                pfd,
+                name,
+                sync=self.sync,
+                extra_xattrs={self.ino_xattr: b"%d" % inode.ino},
+            )
+            fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=pfd)
         inode.sources.insert(0, Source(0, fd))
         inode.fd, inode.layer = fd, 0
         ust = os.fstat(fd)
@@ -771,11 +776,8 @@ class UnionFS:
                 p = os.fsencode(fdpath(dfd)) + b"/" + target
                 os.setxattr(p, self.opaque_xattr, b"y", follow_symlinks=False)
             if mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
-                os.chmod(
-                    target,
-                    stat.S_IMODE(mode) | (os.stat(target, dir_fd=dfd).st_mode & stat.S_ISGID),
-                    dir_fd=dfd,
-                )
+                # mkdir(2) drops these bits; a setgid parent's S_ISGID is inherited and kept.
+                chmod_nofollow(dfd, target, stat.S_IMODE(mode), keep_setgid=True)
 
         return self._make(parent_ino, name, uid, gid, build)
 

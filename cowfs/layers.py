@@ -25,7 +25,7 @@ from cowfs.ondisk import (
 )
 from cowfs.options import MountConfig
 
-__all__ = ["LayerStack", "check_name", "fdpath", "open_layer_root"]
+__all__ = ["LayerStack", "check_name", "chmod_nofollow", "fdpath", "open_layer_root"]
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -43,6 +43,21 @@ def check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name")
     if len(name) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
+
+
+def chmod_nofollow(dir_fd: int, name: bytes, mode: int, keep_setgid: bool = False) -> None:
+    """chmod one name without ever following a symlink (Linux has no fchmodat that refuses one):
+    pin the object with O_PATH|O_NOFOLLOW, check it, chmod it through its fd link."""
+    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "refusing to chmod a symlink")
+        if keep_setgid:
+            mode |= st.st_mode & stat.S_ISGID
+        os.chmod(fdpath(fd), mode)
+    finally:
+        os.close(fd)
 
 
 def open_layer_root(path: str, what: str) -> int:
