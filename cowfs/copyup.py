@@ -170,7 +170,10 @@ def copy_up(
     tmp = temp_name()
     try:
         build_temp(src_opath, st, work_fd, tmp, with_data, sync, extra_xattrs)
+        pst = os.fstat(parent_fd)
         install(work_fd, tmp, parent_fd, name, replace=False)
+        # Copy-up is invisible through the mount: the parent keeps its times (as the kernel does).
+        os.utime(fdpath(parent_fd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
         if sync:
             _fsync_dir(parent_fd)
     finally:

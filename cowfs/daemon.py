@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import stat
+import tempfile
 
 from cowfs.errors import EXIT_MOUNT, EXIT_PATH, UserError
 from cowfs.layers import LayerStack
@@ -22,6 +23,7 @@ from cowfs.options import MountConfig
 __all__ = ["check_mountpoint", "mount"]
 
 log = logging.getLogger(__name__)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def check_mountpoint(path: str) -> None:
@@ -42,8 +44,10 @@ def check_mountpoint(path: str) -> None:
 def fuse_option_set(config: MountConfig, fsname: str) -> set[str]:
     opts = set(config.fuse_options)
     opts.add("default_permissions")  # the kernel checks permissions, as on overlayfs
+    if not config.writable:
+        opts.add("ro")  # the kernel then refuses writes itself, as on a read-only overlayfs
     if not any(o.startswith("fsname=") for o in opts):
-        opts.add(f"fsname={fsname}")
+        opts.add("fsname=" + fsname.replace("\\", "\\\\").replace(",", "\\,"))
     if not any(o.startswith("subtype=") for o in opts):
         opts.add("subtype=cowfs")
     if os.geteuid() == 0:
@@ -86,6 +90,7 @@ def mount(
     if pid == 0:  # the daemon
         os.close(rfd)
         os.setsid()
+        os.chdir("/")  # never pin the directory we were started from
         code = 1
         try:
             code = _serve(stack, mountpoint, opts, wfd)
@@ -129,12 +134,26 @@ def _serve(stack: LayerStack, mountpoint: str, opts: set[str], ready_fd: int | N
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     fs = UnionFS(stack)
     ops = Operations(fs)
-    try:
-        pyfuse3.init(ops, mountpoint, opts)
-    except RuntimeError as e:
-        fs.close()
-        stack.close()
-        raise UserError(f"mounting {mountpoint!r} failed: {e}", EXIT_MOUNT) from None
+    # Until the trio signal receiver runs, a SIGTERM/SIGINT would kill us with the mount up:
+    # hold them back (they stay pending) until then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # libfuse explains a refusal on stderr: catch that line for our own one-line error.
+    saved_err = os.dup(2)
+    with tempfile.TemporaryFile() as errf:
+        os.dup2(errf.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, opts)
+        except RuntimeError as e:
+            os.dup2(saved_err, 2)
+            errf.seek(0)
+            lines = [ln.strip() for ln in errf.read().decode(errors="replace").splitlines()]
+            why = next((ln for ln in reversed(lines) if ln), str(e))
+            fs.close()
+            stack.close()
+            raise UserError(f"mounting {mountpoint!r} failed: {why}", EXIT_MOUNT) from None
+        finally:
+            os.dup2(saved_err, 2)
+            os.close(saved_err)
     log.info("mounted %s", mountpoint)
     if ready_fd is not None:
         # Nothing else may write to the terminal of the command that started us.
@@ -148,7 +167,8 @@ def _serve(stack: LayerStack, mountpoint: str, opts: set[str], ready_fd: int | N
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
+                with trio.open_signal_receiver(*_STOP_SIGNALS) as it:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                     async for signum in it:
                         log.info("signal %d: unmounting", signum)
                         pyfuse3.terminate()

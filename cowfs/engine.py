@@ -761,6 +761,11 @@ class UnionFS:
         build(target, dfd, over)
         try:
             os.chown(target, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            if over and os.fstat(pfd).st_mode & stat.S_ISGID:
+                # Built in work, which is not setgid: give a new directory what the parent would.
+                st = os.stat(target, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    chmod_nofollow(dfd, target, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
             if over:
                 self._place(target, pfd, name)
         except BaseException:

@@ -101,7 +101,7 @@ class LayerStack:
 
     @property
     def writable(self) -> bool:
-        return self.fds[0] >= 0
+        return self.work_fd >= 0
 
     @property
     def xattr_prefix(self) -> str:
@@ -112,7 +112,8 @@ class LayerStack:
         fds: list[int] = []
         try:
             upper = workdir = work = -1
-            if config.upperdir is not None and not config.read_only:
+            if config.upperdir is not None:
+                # With -o ro the upper is still shown, as the top (read-only) layer.
                 upper = open_layer_root(config.upperdir, "upperdir")
                 fds.append(upper)
                 assert config.workdir is not None
@@ -123,7 +124,8 @@ class LayerStack:
                 fds.append(open_layer_root(p, "lowerdir"))
             if upper >= 0:
                 cls._validate_writable(config, fds, workdir)
-                work = cls._prepare_work(workdir)
+                if not config.read_only:
+                    work = cls._prepare_work(workdir)
             return cls(config, fds, work, workdir)
         except BaseException:
             for fd in fds:
