@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from mounting import cowfs_mount, overlay_mount
 
 pytestmark = pytest.mark.fuse
