@@ -72,6 +72,9 @@ class UnionFS:
         self._busy: dict[int, trio.Event] = {}
         self._synth = _SYNTH_BASE + (1 << 61)
         self._devs: dict[int, int] = {}
+        # Inodes whose attributes changed behind the kernel's cache (copy-up): the adapter
+        # drains this after each request and tells the kernel.
+        self.attr_changed: set[int] = set()
         self.limiter = trio.CapacityLimiter(4)
         self.sync = not stack.config.volatile
         self.ino_xattr = stack.xattr_prefix + "cowfs.ino"
@@ -488,6 +491,8 @@ class UnionFS:
             fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=pfd)
         inode.sources.insert(0, Source(0, fd))
         inode.fd, inode.layer = fd, 0
+        # Now merged (nlink 1): the kernel holds the lower nlink for an hour unless told.
+        self.attr_changed.add(inode.ino)
         ust = os.fstat(fd)
         self.table.rekey(inode, ("o", ust.st_dev, ust.st_ino))
         return fd
@@ -520,6 +525,7 @@ class UnionFS:
         # copy-up breaks lower hard links, so that is exactly one).
         inode.links = {(parent.ino, name)}
         inode.layer = 0
+        self.attr_changed.add(inode.ino)  # a lower hard link's copy has nlink 1
         ust = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.table.rekey(inode, ("o", ust.st_dev, ust.st_ino))
         for h in inode.handles:

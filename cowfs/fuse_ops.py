@@ -39,6 +39,9 @@ def boundary(fn: F) -> F:
             self.internal_errors += 1
             log.exception("internal error in %s%r", fn.__name__, args[:3])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if self.fs.attr_changed:
+                self.invalidate_attrs()
 
     return wrapper  # type: ignore[return-value]
 
@@ -83,6 +86,18 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         pass
+
+    def invalidate_attrs(self) -> None:
+        """Attribute-only invalidation takes no inode locks in the kernel (and there is no
+        writeback cache), so it cannot deadlock against the request being answered."""
+        changed = self.fs.attr_changed
+        while changed:
+            ino = changed.pop()
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EBADF):
+                    log.warning("invalidate inode %d: %s", ino, e)
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:

@@ -156,6 +156,8 @@ def test_error_boundary_turns_a_bug_into_eio() -> None:
     from cowfs.fuse_ops import Operations
 
     class Broken:
+        attr_changed: set[int] = set()
+
         def getattr(self, ino: int) -> None:
             raise RuntimeError("bug")
 
