@@ -4,10 +4,12 @@
 #   scripts/setup.sh [--bench]
 #
 # 1. Debian packages (as root): fuse3 (fusermount3, mount.fuse3), libfuse3-dev, pkg-config and gcc
-#    (to build pyfuse3), attr (getfattr/setfattr). --bench or COWFS_SETUP_BENCH=1 adds fio and
-#    fuse-overlayfs. `apt-get update` runs only when something is missing.
-# 2. A virtualenv in <repo>/.venv with `pip install -e '.[test]'`, redone only when pyproject.toml,
-#    the Python or the checkout's path changed (stamp: .venv/.cowfs-stamp).
+#    (to build pyfuse3), attr (getfattr/setfattr), busybox-static (the container demo's image).
+#    --bench or COWFS_SETUP_BENCH=1 adds fio and fuse-overlayfs. `apt-get update` runs only when
+#    something is missing.
+# 2. A virtualenv in <repo>/.venv with `pip install -e '.[test]'` (`.[test,bench]` with --bench),
+#    redone only when pyproject.toml, the Python or the checkout's path changed, or --bench asks for
+#    the bench extra the venv lacks (stamp: .venv/.cowfs-stamp; once there, the extra is kept).
 # 3. The mount(8) helper wiring (as root): /usr/local/bin/cowfs -> <repo>/.venv/bin/cowfs.
 #    `mount -t fuse.cowfs` runs /sbin/mount.fuse (fuse3's link to mount.fuse3), which runs `cowfs`
 #    with PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin.
@@ -39,7 +41,7 @@ done
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # --- 1. Debian packages --------------------------------------------------------------------------
-pkgs=(fuse3 libfuse3-dev pkg-config gcc attr)
+pkgs=(fuse3 libfuse3-dev pkg-config gcc attr busybox-static)
 [ "$BENCH" = 1 ] && pkgs+=(fio fuse-overlayfs)
 
 command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)
@@ -95,6 +97,13 @@ want_stamp="$(
     } | sha256sum | cut -d' ' -f1
 )"
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
+# The stamp ends in " bench" when the bench extra is installed. A venv that has it keeps it, so that
+# setup.sh and setup.sh --bench, run in turn, do not reinstall each time.
+extras=test
+if [ "$BENCH" = 1 ] || [[ "$have_stamp" == *" bench" ]]; then
+    extras=test,bench
+    want_stamp="$want_stamp bench"
+fi
 
 py_version="$("$PYTHON" -c 'import sys; print(sys.version)')"
 venv_ok() {
@@ -111,12 +120,12 @@ if [ "$want_stamp" != "$have_stamp" ] || [ ! -x "$VENV/bin/cowfs" ] || ! venv_ok
         rm -rf "$VENV"
         "$PYTHON" -m venv "$VENV"
     fi
-    say "installing cowfs and its test tools into .venv (pip install -e '.[test]')"
+    say "installing cowfs and its test tools into .venv (pip install -e '.[$extras]')"
     log="$(mktemp)"
     # PIP_NO_WARN_SCRIPT_LOCATION and the filter keep pip's chatter (this machine's extra
     # file:// indexes, its version check) out of the output; a failure prints everything.
     if ! (cd "$ROOT" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 \
-        "$VENV/bin/python" -m pip install -q -e '.[test]') >"$log" 2>&1; then
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]") >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         die "pip install failed"

@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = {"cowfs/union.py", "cowfs/ondisk.py", "cowfs/options.py", "cowfs/errors.py"}
+PURE = {
+    "cowfs/union.py",
+    "cowfs/ondisk.py",
+    "cowfs/options.py",
+    "cowfs/errors.py",
+    "lifecycle/states.py",
+    "lifecycle/errors.py",
+}
 PYFUSE3_ALLOWED = {"cowfs/fuse_ops.py", "cowfs/daemon.py"}
-CTYPES_ALLOWED = {"cowfs/_sys.py"}
+CTYPES_ALLOWED = {"cowfs/_sys.py", "lifecycle/_sys.py"}
 
 
 def imports(path: Path) -> set[str]:
@@ -25,7 +32,9 @@ def imports(path: Path) -> set[str]:
     return out
 
 
-MODULES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cowfs").glob("*.py"))
+MODULES = sorted(
+    str(p.relative_to(ROOT)) for pkg in ("cowfs", "lifecycle") for p in (ROOT / pkg).glob("*.py")
+)
 
 
 @pytest.mark.parametrize("mod", MODULES)
@@ -41,3 +50,9 @@ def test_layering(mod: str) -> None:
 
 def test_union_rules_import_nothing_with_effects() -> None:
     assert imports(ROOT / "cowfs/union.py") <= {"__future__", "collections", "dataclasses", "cowfs"}
+
+
+@pytest.mark.parametrize("mod", [m for m in MODULES if m.startswith("lifecycle/")])
+def test_lifecycle_drives_cowfs_only_through_its_cli(mod: str) -> None:
+    """A crash in one mount cannot take the controller down: cowfs runs as a separate process."""
+    assert not imports(ROOT / mod) & {"cowfs", "pyfuse3", "trio"}
