@@ -21,9 +21,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "fuse" in item.keywords:
             if os.environ.get(REQUIRE_FUSE_ENV) == "1":
-                item.add_marker(
-                    pytest.mark.usefixtures("_fuse_required_but_missing")
-                )
+                item.add_marker(pytest.mark.usefixtures("_fuse_required_but_missing"))
             else:
                 item.add_marker(pytest.mark.skip(reason=f"FUSE not available: {problem}"))
 
