@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
         sp.add_argument("-w", "--workdir")
         sp.add_argument("--rm", action="store_true", help="remove the container when it exits")
+        sp.add_argument(
+            "--storage-driver",
+            choices=("cowfs", "overlay"),
+            default=os.environ.get("COWCTL_STORAGE_DRIVER", "cowfs"),
+            help="cowfs (default), or kernel overlayfs for comparison",
+        )
         sp.add_argument("image")
         sp.add_argument("command", nargs=argparse.REMAINDER)
 
@@ -224,7 +230,14 @@ def run(args: argparse.Namespace) -> int:
     if cmd in ("create", "run"):
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         c = ctl.create(
-            args.image, command, args.name, args.env, args.workdir, args.restart, args.rm
+            args.image,
+            command,
+            args.name,
+            args.env,
+            args.workdir,
+            args.restart,
+            args.rm,
+            args.storage_driver,
         )
         if cmd == "create":
             print(c.id)

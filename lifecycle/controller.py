@@ -241,8 +241,11 @@ class Controller:
         workdir: str | None = None,
         restart: str = "no",
         auto_remove: bool = False,
+        fs: str = "cowfs",
     ) -> Container:
         _check_restart_policy(restart, auto_remove)
+        if fs not in ("cowfs", "overlay"):
+            raise CtlError(f"unknown storage driver {fs!r} (cowfs or overlay)")
         for kv in env or []:
             if "=" not in kv or kv.startswith("="):
                 raise CtlError(f"invalid environment variable: {kv} (expected KEY=VALUE)")
@@ -263,6 +266,7 @@ class Controller:
             "restart": restart,
             "auto_remove": auto_remove,
             "image_ref": image_ref,
+            "fs": fs,
         }
         d = self.store.container_dir(cid)
         with self.store.tx():
@@ -612,7 +616,7 @@ class Controller:
             "Image": image.id,
             "Name": "/" + c.name,
             "RestartCount": c.restart_count,
-            "Driver": "cowfs",
+            "Driver": c.config.get("fs", "cowfs"),
             "LogPath": str(self.store.container_dir(c.id) / "container.log"),
             "HostConfig": {
                 "RestartPolicy": {"Name": name, "MaximumRetryCount": int(arg or 0)},
@@ -625,7 +629,7 @@ class Controller:
                 "WorkingDir": c.config.get("workdir", "/"),
                 "Image": c.config.get("image_ref", image.ref),
             },
-            "GraphDriver": {"Name": "cowfs", "Data": self.paths(c)},
+            "GraphDriver": {"Name": c.config.get("fs", "cowfs"), "Data": self.paths(c)},
             "Cgroup": str(cg.path),
             "MonitorPid": c.monitor_pid,
             "DaemonPid": c.daemon_pid,

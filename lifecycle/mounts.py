@@ -106,6 +106,20 @@ def start_daemon(
     return proc
 
 
+def mount_overlay(lowers_top_first: list[Path], upper: Path, work: Path, mnt: Path) -> None:
+    """Kernel overlayfs with the same layers (kernel option syntax: `\\:` is not understood, so
+    paths containing a colon or comma are refused)."""
+    paths = [*lowers_top_first, upper, work]
+    if any(c in str(p) for p in paths for c in ",:"):
+        raise MountError("kernel overlayfs cannot take layer paths containing ',' or ':'")
+    opts = f"lowerdir={':'.join(map(str, lowers_top_first))},upperdir={upper},workdir={work}"
+    r = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise MountError(f"mount -t overlay failed: {r.stderr.strip()}")
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]

@@ -333,3 +333,21 @@ def test_events_record_the_lifecycle(ctl: Ctl) -> None:
     out = ctl.ok("events", "--since", str(t0), "--until", str(time.time() + 0.1))
     actions = [line.split()[2] for line in out.splitlines()]
     assert actions == ["create", "start", "die", "destroy"]
+
+
+def test_kernel_overlay_driver_for_comparison(ctl: Ctl) -> None:
+    r = ctl(
+        "run",
+        "--name",
+        "k",
+        "--storage-driver",
+        "overlay",
+        "bb",
+        "sh",
+        "-c",
+        "echo x > /new; rm /etc/app.conf",
+    )
+    assert r.rc == 0, r.err
+    assert ctl.inspect("k")["GraphDriver"]["Name"] == "overlay"
+    assert ctl.ok("diff", "k").splitlines() == ["C /etc", "D /etc/app.conf", "A /new"]
+    assert ctl.mounts() == []
