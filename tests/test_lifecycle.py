@@ -351,3 +351,49 @@ def test_kernel_overlay_driver_for_comparison(ctl: Ctl) -> None:
     assert ctl.inspect("k")["GraphDriver"]["Name"] == "overlay"
     assert ctl.ok("diff", "k").splitlines() == ["C /etc", "D /etc/app.conf", "A /new"]
     assert ctl.mounts() == []
+
+
+def test_pause_that_cannot_freeze_rolls_back(ctl: Ctl) -> None:
+    """A task blocked in a FUSE request cannot be frozen (lifecycle-reference 2b): stop the cowfs
+    daemon while the container creates files, and pause must give up, thaw and say so."""
+    ctl.ok(
+        "run",
+        "-d",
+        "--name",
+        "stuck",
+        "bb",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo > /tmp/f$i; done",
+    )
+    daemon = ctl.inspect("stuck")["DaemonPid"]
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # the container is now waiting for an answer
+        env = dict(os.environ, COWCTL_FREEZE_TIMEOUT="1")
+        r = subprocess.run(
+            [*_cmd(ctl), "pause", "stuck"], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert r.returncode == 1
+        assert r.stderr.startswith("Error: cannot pause container") and "thawed again" in r.stderr
+        assert r.stderr.count("\n") == 1
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    info = ctl.inspect("stuck")
+    assert info["State"]["Status"] == "running"
+    assert "frozen 0" in (Path(info["Cgroup"]) / "cgroup.events").read_text()
+    ctl.ok("pause", "stuck")  # with the daemon answering again, it freezes
+    ctl.ok("unpause", "stuck")
+
+
+def test_monitor_and_daemon_both_killed_leave_no_stale_mount(ctl: Ctl) -> None:
+    ctl.ok("run", "-d", "--name", "both", "bb", "sh", "-c", "echo kept > /data; " + LOOP)
+    info = ctl.inspect("both")
+    ctl.wait_for("both", lambda s: os.path.exists(s["GraphDriver"]["Data"]["UpperDir"] + "/data"))
+    os.kill(info["MonitorPid"], signal.SIGKILL)
+    os.kill(info["DaemonPid"], signal.SIGKILL)
+    time.sleep(0.2)
+    st = ctl.state("both")
+    assert st["Status"] == "exited" and "monitor died" in st["Error"]
+    assert ctl.mounts() == []
+    assert (Path(info["GraphDriver"]["Data"]["UpperDir"]) / "data").read_text() == "kept\n"
