@@ -397,3 +397,18 @@ def test_monitor_and_daemon_both_killed_leave_no_stale_mount(ctl: Ctl) -> None:
     assert st["Status"] == "exited" and "monitor died" in st["Error"]
     assert ctl.mounts() == []
     assert (Path(info["GraphDriver"]["Data"]["UpperDir"]) / "data").read_text() == "kept\n"
+
+
+def test_interrupted_removal_is_finished_by_the_next_command(ctl: Ctl) -> None:
+    """rm records `removing` before it deletes anything; if it dies there, the next command (any
+    command) finishes the job instead of leaving a half-removed container."""
+    cid = ctl.ok("create", "--name", "half", "bb", "true").strip()
+    upper = Path(ctl.inspect("half")["GraphDriver"]["Data"]["UpperDir"])
+    con = sqlite3.connect(ctl.root / "state.db")
+    with con:
+        con.execute("UPDATE containers SET status = 'removing' WHERE id = ?", (cid,))
+    con.close()
+    r = ctl("ps", "-a", "-q")
+    assert r.rc == 0 and r.out == ""
+    assert not upper.parent.exists()
+    assert ctl("create", "--name", "half", "bb", "true").rc == 0  # the name is free again
