@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("containers", nargs="+")
     lg = sub.add_parser("logs", help="print a container's output")
     lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("-t", "--timestamps", action="store_true")
     lg.add_argument("container")
     w = sub.add_parser("wait", help="wait for containers to stop; print their exit codes")
     w.add_argument("containers", nargs="+")
@@ -314,9 +315,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(out, indent=4))
         return rc
     if cmd == "logs":
-        for chunk in ctl.logs(args.container, args.follow):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+        for stream, t, data in ctl.logs(args.container, args.follow):
+            _emit(stream, data, t if args.timestamps else None)
         return 0
     if cmd == "wait":
         rc = 0
@@ -338,6 +338,14 @@ def run(args: argparse.Namespace) -> int:
     return 0  # reconcile: done by Controller()
 
 
+def _emit(stream: str, data: bytes, stamp: str | None) -> None:
+    out = sys.stderr.buffer if stream == "stderr" else sys.stdout.buffer
+    if stamp is not None:
+        out.write(stamp.encode() + b" ")
+    out.write(data)
+    out.flush()
+
+
 def _attach(ctl: Controller, c: Container, log: object) -> int:
     """`run` in the foreground: stream the log until the container ends, pass SIGINT/SIGTERM on
     (Docker's sig-proxy), exit with its code."""
@@ -350,9 +358,8 @@ def _attach(ctl: Controller, c: Container, log: object) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    for chunk in ctl.stream(log, c.id, follow=True):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
+    for stream, _t, data in ctl.stream(log, c.id, follow=True):
+        _emit(stream, data, None)
     code = ctl.wait(c.id)
     if c.config.get("auto_remove"):
         # The monitor removes it; wait for that so that `run --rm` leaves nothing behind.

@@ -547,7 +547,7 @@ class Controller:
         fd = os.open(self.log_path(cid), os.O_RDONLY | os.O_CREAT, 0o640)
         return os.fdopen(fd, "rb")
 
-    def logs(self, ref: str, follow: bool = False) -> Iterator[bytes]:
+    def logs(self, ref: str, follow: bool = False) -> Iterator[tuple[str, str, bytes]]:
         c = self.store.find(ref)
         try:
             f = open(self.log_path(c.id), "rb")  # noqa: SIM115 - closed by stream()
@@ -555,12 +555,20 @@ class Controller:
             return
         yield from self.stream(f, c.id, follow)
 
-    def stream(self, f: Any, cid: str, follow: bool) -> Iterator[bytes]:
+    def stream(self, f: Any, cid: str, follow: bool) -> Iterator[tuple[str, str, bytes]]:
+        """(stream, time, data) records of a json-file log; with `follow`, until the container
+        has stopped and its monitor has written the last of its output."""
+        buf = b""
         try:
             while True:
                 chunk = f.read(65536)
                 if chunk:
-                    yield chunk
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            rec = json.loads(line)
+                            yield rec["stream"], rec["time"], rec["log"].encode()
                     continue
                 if not follow:
                     return
@@ -572,10 +580,8 @@ class Controller:
                     not states.is_active(cur.status)
                     and not _alive(cur.monitor_pid, cur.monitor_start)
                 ):
-                    rest = f.read()
-                    if rest:
-                        yield rest
-                    return
+                    follow = False  # one more read for what came in meanwhile
+                    continue
                 time.sleep(0.05)
         finally:
             f.close()

@@ -8,11 +8,15 @@ reports "OK" or "E<code> <message>" on READY_FD once the container's command has
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lifecycle import _sys, mounts, runtime
 from lifecycle.cgroups import cgroup_for
@@ -57,6 +61,7 @@ class Monitor:
         self.merged = self.dir / "merged"
         self.daemon = None
         self.init_pid = 0
+        self.pipes: dict[int, str] = {}
         self.cgroup = cgroup_for(cid)
 
     def ready(self, msg: str) -> None:
@@ -94,9 +99,11 @@ class Monitor:
         try:
             self.cgroup.create()
             cfg = c.config
-            log_fd = os.open(
-                self.dir / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
-            )
+            # Pipes, not the log file: the monitor stamps each chunk with its stream and time
+            # (Docker's json-file format), so `logs` can keep stdout and stderr apart.
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            self.pipes = {out_r: "stdout", err_r: "stderr"}
             try:
                 spec = runtime.Spec(
                     rootfs=str(self.merged),
@@ -104,15 +111,23 @@ class Monitor:
                     env=dict(kv.split("=", 1) for kv in cfg.get("env", [])),
                     workdir=cfg.get("workdir") or "/",
                     hostname=self.cid[:12],
-                    log_fd=log_fd,
+                    stdout_fd=out_w,
+                    stderr_fd=err_w,
                     cgroup_procs=str(self.cgroup.path / "cgroup.procs"),
                 )
                 self.init_pid = runtime.spawn(spec)
             finally:
-                os.close(log_fd)
+                os.close(out_w)
+                os.close(err_w)
         except BaseException:
+            self._close_pipes()
             self._teardown()
             raise
+
+    def _close_pipes(self) -> None:
+        for fd in self.pipes:
+            os.close(fd)
+        self.pipes = {}
 
     def _teardown(self) -> str:
         """Kill what is left, unmount, end the daemon. Returns an error worth recording, or ''."""
@@ -136,24 +151,66 @@ class Monitor:
         return "; ".join(problems)
 
     def _wait(self) -> tuple[int, str]:
-        """Wait for the init; (exit code, error). A daemon that dies first takes the container
-        down with it: its root filesystem answers ENOTCONN from then on."""
+        """Relay the container's output to its log and wait for its init; (exit code, error).
+        A daemon that dies first takes the container down with it: its root filesystem answers
+        ENOTCONN from then on. SIGCHLD wakes the poll through a self-pipe."""
         error = ""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                return 255, error or "container process lost"
-            except InterruptedError:
-                continue
-            if pid == self.init_pid:
-                return _exit_code(status), error
-            if self.daemon is not None and pid == self.daemon.pid:
-                self.daemon.returncode = os.waitstatus_to_exitcode(status)
-                self.daemon = None
-                error = f"cowfs daemon exited unexpectedly ({_describe(status)}); container killed"
-                _log(error)
-                self.cgroup.kill()
+        code: int | None = None
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_fd = signal.set_wakeup_fd(wake_w)
+        old_handler = signal.signal(signal.SIGCHLD, lambda *_: None)
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        for fd in self.pipes:
+            poller.register(fd, select.POLLIN)
+        log = open(self.dir / "container.log", "ab", buffering=0)  # noqa: SIM115
+        try:
+            while code is None or self.pipes:
+                # Once the init is gone, the pipes close when its last descendant does (the
+                # kernel kills the rest of the pid namespace); do not wait forever for that.
+                events = poller.poll(None if code is None else 2000)
+                if not events and code is not None:
+                    break
+                for fd, _ in events:
+                    if fd == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 512)
+                    elif fd in self.pipes:
+                        data = os.read(fd, 65536)
+                        if data:
+                            _log_chunk(log, self.pipes[fd], data)
+                        else:
+                            poller.unregister(fd)
+                            os.close(fd)
+                            del self.pipes[fd]
+                while True:  # reap everything that is ready: init, daemon, re-parented orphans
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        if code is None:
+                            code, error = 255, error or "container process lost"
+                        break
+                    if pid == 0:
+                        break
+                    if pid == self.init_pid:
+                        code = _exit_code(status)
+                    elif self.daemon is not None and pid == self.daemon.pid:
+                        self.daemon.returncode = os.waitstatus_to_exitcode(status)
+                        self.daemon = None
+                        error = (
+                            f"cowfs daemon exited unexpectedly ({_describe(status)}); "
+                            "container killed"
+                        )
+                        _log(error)
+                        self.cgroup.kill()
+        finally:
+            log.close()
+            self._close_pipes()
+            signal.set_wakeup_fd(old_fd)
+            signal.signal(signal.SIGCHLD, old_handler)
+            os.close(wake_r)
+            os.close(wake_w)
+        return code if code is not None else 255, error
 
     # ----------------------------------------------------------------- the loop
 
@@ -239,6 +296,20 @@ class Monitor:
             c = self.store.get(self.cid)
             if c.manually_stopped or c.status != Status.RESTARTING:
                 return
+
+
+def _log_chunk(log: Any, stream: str, data: bytes) -> None:
+    """One JSON line per output line (a trailing partial line is a record of its own), as
+    Docker's json-file driver writes them; one write per chunk, so readers never see half a
+    record once they read up to a newline."""
+    t = now_iso()
+    text = data.decode("utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    out = "".join(
+        json.dumps({"log": line, "stream": stream, "time": t}, ensure_ascii=False) + "\n"
+        for line in lines
+    )
+    log.write(out.encode())
 
 
 def _should_restart(policy: str, code: int, count: int) -> bool:

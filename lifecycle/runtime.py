@@ -27,7 +27,8 @@ class Spec:
     env: dict[str, str]
     workdir: str
     hostname: str
-    log_fd: int
+    stdout_fd: int
+    stderr_fd: int
     cgroup_procs: str  # the cgroup.procs file to join
 
 
@@ -96,8 +97,8 @@ def _init(spec: Spec, err_w: int) -> None:
             ) from None
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.dup2(spec.log_fd, 1)
-        os.dup2(spec.log_fd, 2)
+        os.dup2(spec.stdout_fd, 1)
+        os.dup2(spec.stderr_fd, 2)
         env = {"PATH": DEFAULT_PATH, "HOSTNAME": spec.hostname, "HOME": "/root"} | spec.env
         prog = _find(spec.argv[0], env["PATH"])
         os.execve(prog, spec.argv, env)
