@@ -81,8 +81,14 @@ def cleanup(ctl: Ctl) -> list[str]:
     """rm -f every container, then verify and force: no mount under the root, no process or
     cgroup of ours left. Returns what had to be forced (a test may assert it is empty)."""
     forced = []
+    # Only this root's containers: other users of the machine (a benchmark, another test run)
+    # have cgroups under the same parent.
+    ours = set()
+    if (ctl.root / "containers").is_dir():
+        ours = {d.name for d in (ctl.root / "containers").iterdir()}
     with contextlib.suppress(Exception):
         ids = ctl("ps", "-aq", "--no-trunc", timeout=60).out.split()
+        ours.update(ids)
         if ids:
             ctl("rm", "-f", *ids, timeout=120)
     for parent in CGROUP_PARENTS:
@@ -90,7 +96,7 @@ def cleanup(ctl: Ctl) -> list[str]:
         if not p.is_dir():
             continue
         for cg in p.iterdir():
-            if not cg.is_dir():
+            if not cg.is_dir() or cg.name not in ours:
                 continue
             procs = (
                 (cg / "cgroup.procs").read_text().split() if (cg / "cgroup.procs").exists() else []
