@@ -8,9 +8,9 @@ Exit codes:
   3    this machine cannot run the benchmark (not root, unusable scratch directory)
   130  interrupted (Ctrl-C, SIGTERM, SIGHUP); mounts and daemons are cleaned up all the same
 
-Whatever happens, every mount below the scratch directory is unmounted, every daemon serving one
-is ended, and the scratch directory is removed (unless --keep), but never while something is
-still mounted below it.
+Whatever happens, every container of the run's cowctl state root is force-removed, every mount
+below the scratch directory is unmounted, every daemon serving one is ended, and the scratch
+directory is removed (unless --keep), but never while something is still mounted below it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from pathlib import Path
 from types import FrameType
 
 from bench.config import FULL, QUICK
+from bench.containers import STATE, remove_all
 from bench.report import markdown, write_all
 from bench.runner import REPO, Progress, run
 from bench.targets import TARGETS, end_daemons, mounts_under, unmount
-from bench.workloads import PLACEHOLDERS, workloads
+from bench.workloads import workloads
 
 __all__ = ["BenchError", "main"]
 
@@ -99,6 +100,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _cleanup(run_dir: Path, keep: bool) -> None:
     """Unmount and end everything below run_dir, then delete it (never across a live mount)."""
+    # Containers first, by cowctl itself: it kills their processes and cgroups, then unmounts.
+    for problem in remove_all(run_dir / "cowctl" / STATE):
+        print(f"bench: warning: clean-up of containers: {problem}", file=sys.stderr)
     for m in reversed(mounts_under(run_dir)):
         unmount(Path(m))
     targets_dir = run_dir / "targets"
@@ -135,11 +139,13 @@ def _main(argv: list[str] | None) -> int:
     all_loads = workloads(sizes)
     if args.list:
         for t in TARGETS:
-            print(f"target    {t.name:<16} {t.description}")
+            print(f"target    {t.name:<20} {t.description}")
         for w in all_loads:
-            print(f"workload  {w.name:<16} {w.description}")
-        for p in PLACEHOLDERS:
-            print(f"workload  {p.name:<16} {p.description} (not measured: {p.unavailable()})")
+            why = w.unavailable()
+            print(
+                f"workload  {w.name:<16} {w.description}"
+                + (f" (not measured: {why})" if why else "")
+            )
         return 0
     reps = sizes.reps if args.reps is None else args.reps
     if reps < 1:

@@ -3,7 +3,8 @@
 The full sizes are the issue's (a ~20k-file tree in ~1k directories, 10k small files, a 10k-entry
 directory) with the large file at 512 MiB, so that a full run of 5 interleaved repeats stays
 within ~15 minutes on a 2-core machine. The quick sizes only have to exercise every code path
-(mount, workload, verification, report) in a few seconds per target.
+(mount, workload, verification, report) in a few seconds per target. The container workloads
+use busybox (a ~2 MB image) in both modes; only the number of containers scales.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Sizes:
     bigdir_entries: int  # the mixed upper/lower directory listed by readdir
     randread_seconds: int  # fio runtime
     untar_subdirs: tuple[str, ...] | None  # stdlib subpackages to tar; None = the whole stdlib
+    containers: int  # container_footprint: containers created from one image
+    container_write_kib: int  # container_footprint: the file each container writes
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, recorded in results.json so a result says what it measured."""
@@ -65,6 +68,8 @@ FULL = Sizes(
     bigdir_entries=10_000,
     randread_seconds=3,
     untar_subdirs=None,
+    containers=10,
+    container_write_kib=100,
 )
 
 QUICK = Sizes(
@@ -81,4 +86,6 @@ QUICK = Sizes(
     bigdir_entries=400,
     randread_seconds=1,
     untar_subdirs=("json", "email"),
+    containers=3,
+    container_write_kib=100,
 )

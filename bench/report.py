@@ -43,9 +43,11 @@ def _metric_rows(res: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, An
     return [(w, m) for w in res["workloads"] if w["status"] == "ok" for m in w["metrics"]]
 
 
-def _cell(res: dict[str, Any], workload: str, target: str, metric: str) -> str:
+def _cell(res: dict[str, Any], workload: dict[str, Any], target: str, metric: str) -> str:
+    if target in workload.get("not_applicable", ()):
+        return "n/a"
     for r in res["results"]:
-        if r["workload"] == workload and r["target"] == target:
+        if r["workload"] == workload["name"] and r["target"] == target:
             if r["status"] != "ok":
                 return "**FAILED**"
             s = r["summary"][metric]
@@ -73,7 +75,7 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(targets),
     ]
     for w, m in _metric_rows(res):
-        cells = [_cell(res, w["name"], t, m["name"]) for t in targets]
+        cells = [_cell(res, w, t, m["name"]) for t in targets]
         out.append(f"| {m['label']} | {m['unit']} | " + " | ".join(cells) + " |")
 
     pairs = [f"{a}/{b}" for a, b in RATIO_PAIRS if a in targets and b in targets]
@@ -87,18 +89,14 @@ def markdown(res: dict[str, Any]) -> str:
             "|---|" + "---|" * len(pairs),
         ]
         for _w, m in _metric_rows(res):
+            if not m.get("speed", True):
+                continue
             row = res["ratios"].get(m["name"], {})
             out.append(f"| {m['name']} | " + " | ".join(_ratio(row.get(p)) for p in pairs) + " |")
 
     fuse = [t for t in targets if t in ("fuse-overlayfs", "cowfs")]
+    cpu_rows: list[str] = []
     if fuse:
-        out += [
-            "",
-            "## FUSE daemon CPU seconds per workload (median, timed part only)",
-            "",
-            "| workload | " + " | ".join(fuse) + " |",
-            "|---|" + "---|" * len(fuse),
-        ]
         for w in res["workloads"]:
             if w["status"] != "ok":
                 continue
@@ -110,7 +108,18 @@ def markdown(res: dict[str, Any]) -> str:
                 )
                 cpu = r.get("daemon_cpu_s") if r else None
                 cells.append(f"{cpu['median']:.3f}" if cpu else "–")
-            out.append(f"| {w['name']} | " + " | ".join(cells) + " |")
+            if all(c == "–" for c in cells):
+                continue  # no daemon of the harness's own (the container workloads)
+            cpu_rows.append(f"| {w['name']} | " + " | ".join(cells) + " |")
+    if cpu_rows:
+        out += [
+            "",
+            "## FUSE daemon CPU seconds per workload (median, timed part only)",
+            "",
+            "| workload | " + " | ".join(fuse) + " |",
+            "|---|" + "---|" * len(fuse),
+            *cpu_rows,
+        ]
 
     if res["memory"]:
         out += [
@@ -134,6 +143,12 @@ def markdown(res: dict[str, Any]) -> str:
         f"- workload **{w['name']}** ({w['description']}): {w['reason']}"
         for w in res["workloads"]
         if w["status"] != "ok"
+    ]
+    missing += [
+        f"- workload **{w['name']}** on {', '.join(w['not_applicable'])}: "
+        f"{w['not_applicable_reason']}"
+        for w in res["workloads"]
+        if w["status"] == "ok" and w.get("not_applicable")
     ]
     if missing:
         out += ["", "## Not measured", "", *missing]
@@ -182,7 +197,7 @@ def chart(res: dict[str, Any], path: Path) -> str | None:
         if r["status"] == "ok":
             for m, s in r["summary"].items():
                 med[(r["target"], m)] = s["median"]
-    rows = [m for _w, m in _metric_rows(res)]
+    rows = [m for _w, m in _metric_rows(res) if m.get("speed", True)]
     others = [t for t in targets if t != ref]
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.55 * len(rows)))
     height = 0.8 / max(1, len(others))

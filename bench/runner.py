@@ -9,6 +9,11 @@ layers directly (never through the target), the workload, and the unmount; on th
 workload's changes are undone after it. A step that fails (mount error,
 verification error, anything but Ctrl-C) is recorded and the run goes on; the (workload, target)
 pair is then reported as failed and no number is shown for it.
+
+The container workloads (bench/containers.py) mount nothing: their step only syncs (no dropped
+caches: they time whole commands as a user runs them, interpreter start-up included) and calls
+`run_unmounted` with the target's name as cowctl's storage driver; targets they do not apply to
+(the floor, fuse-overlayfs) are listed as not applicable, not as failed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from bench.config import Sizes
 from bench.layers import Layers, prepare
 from bench.stats import RATIO_PAIRS, speed_ratio, summarize
 from bench.targets import Target, drop_caches
-from bench.workloads import PLACEHOLDERS, Ctx, Workload
+from bench.workloads import Ctx, Workload
 
 __all__ = ["Progress", "run"]
 
@@ -109,6 +114,15 @@ def _log_problems(log: Path | None) -> list[str]:
     ]
 
 
+def _unmounted_step(w: Workload, t: Target, workdir: Path) -> dict[str, Any]:
+    os.sync()  # the previous step's dirty data is written back before, not during, this one
+    try:
+        metrics, extras = w.run_unmounted(workdir, t.name)
+        return {"status": "ok", "metrics": metrics, "daemon_cpu_s": None, "extras": extras}
+    except Exception as e:  # recorded, the run goes on; KeyboardInterrupt is not caught
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
 def _step(w: Workload, t: Target, layers: Layers, slot: Path) -> dict[str, Any]:
     # Every step starts from the same memory state. Without this the page cache left by earlier
     # steps leaked into later ones: the same 512 MiB buffered write on the floor ran at 400 or
@@ -183,6 +197,7 @@ def run(
     live_loads = []
     for w in loads:
         reason = w.unavailable()
+        skipped = [t.name for t in targets if not w.applies(t.name)]
         workload_rows.append(
             {
                 "name": w.name,
@@ -191,40 +206,43 @@ def run(
                 "status": "unavailable" if reason else "ok",
                 "reason": reason,
                 "metrics": [asdict(m) for m in w.metrics],
+                "reps": min(reps, w.max_reps or reps),
+                "not_applicable": skipped,
+                "not_applicable_reason": w.not_applicable if skipped else None,
             }
         )
         if reason:
             progress.note(f"workload {w.name} not measured: {reason}")
         else:
             live_loads.append(w)
-    for p in PLACEHOLDERS:
-        reason = p.unavailable()
-        workload_rows.append(
-            {
-                "name": p.name,
-                "description": p.description,
-                "cold": False,
-                "status": "unavailable",
-                "reason": reason,
-                "metrics": [],
-            }
-        )
-        progress.note(f"workload {p.name} not measured: {reason}")
 
-    progress.step(f"preparing layers ({sizes.name} sizes) in {scratch}")
-    layers = prepare(scratch / "data", sizes)
-    drop_caches()  # write the fresh layers back now, not during the first measurements
+    layers = None
+    if any(w.mounts for w in live_loads):
+        progress.step(f"preparing layers ({sizes.name} sizes) in {scratch}")
+        layers = prepare(scratch / "data", sizes)
+        drop_caches()  # write the fresh layers back now, not during the first measurements
 
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    steps = [(w, r, t) for w in live_loads for r in range(reps) for t in live_targets]
+    steps = [
+        (w, r, t)
+        for w in live_loads
+        for r in range(min(reps, w.max_reps or reps))
+        for t in live_targets
+        if w.applies(t.name)
+    ]
     t_run = time.monotonic()
     for i, (w, r, t) in enumerate(steps):
         eta = ""
         if i:
             left = (time.monotonic() - t_run) / i * (len(steps) - i)
             eta = f", ~{int(left) // 60}:{int(left) % 60:02d} left"
-        progress.step(f"[{i + 1}/{len(steps)}{eta}] {w.name} rep {r + 1}/{reps} on {t.name}")
-        sample = _step(w, t, layers, scratch / "targets" / t.name)
+        w_reps = min(reps, w.max_reps or reps)
+        progress.step(f"[{i + 1}/{len(steps)}{eta}] {w.name} rep {r + 1}/{w_reps} on {t.name}")
+        if w.mounts:
+            assert layers is not None
+            sample = _step(w, t, layers, scratch / "targets" / t.name)
+        else:
+            sample = _unmounted_step(w, t, scratch / "cowctl")
         sample["rep"] = r
         samples.setdefault((w.name, t.name), []).append(sample)
         if sample["status"] != "ok":
@@ -236,6 +254,8 @@ def run(
     results = []
     for w in live_loads:
         for t in live_targets:
+            if not w.applies(t.name):
+                continue
             ss = samples[(w.name, t.name)]
             failed = [s for s in ss if s["status"] != "ok"]
             row: dict[str, Any] = {
@@ -263,6 +283,8 @@ def run(
     ratios: dict[str, dict[str, float | None]] = {}
     for w in live_loads:
         for m in w.metrics:
+            if not m.speed:
+                continue
             row_r = {}
             for a, b in RATIO_PAIRS:
                 if b == "floor" and not m.vs_floor:

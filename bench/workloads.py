@@ -7,6 +7,10 @@ and raises `VerifyError` when a file count, a byte total or a checksum differs f
 so a broken target cannot look fast. Verification reads happen outside the timed sections (for
 warm workloads they are the warm-up). `restore_floor` undoes on the plain directory what `run`
 changed; union targets need no undo because each mount gets a fresh upper directory.
+
+The container workloads (bench/containers.py) are the exception: they bring their own storage
+(cowctl mounts each container with its storage driver), so the runner calls their
+`run_unmounted` instead of mounting the target, and only for the targets named in `applies_to`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -28,7 +33,7 @@ from bench.config import MiB, Sizes
 from bench.layers import COPYUP_BYTE, Layers, digest_tree, flatten
 from bench.targets import daemon_cpu_seconds, daemon_memory_kib, run_cmd
 
-__all__ = ["PLACEHOLDERS", "Ctx", "Metric", "Placeholder", "VerifyError", "Workload", "workloads"]
+__all__ = ["Ctx", "Metric", "VerifyError", "Workload", "workloads"]
 
 
 class VerifyError(Exception):
@@ -44,6 +49,7 @@ class Metric:
     higher_is_better: bool
     label: str  # the metric with its size, for tables
     vs_floor: bool = True  # False when the floor does something else (copy-up: no copy at all)
+    speed: bool = True  # False: not a time or throughput (disk bytes): no speed ratios, no chart
 
 
 @dataclass
@@ -93,6 +99,10 @@ class Workload:
     description = ""
     cold = False
     needs: tuple[str, ...] = ()
+    mounts = True  # False: the runner calls run_unmounted(workdir, target) without mounting
+    applies_to: tuple[str, ...] | None = None  # the targets it runs on (None: all of them)
+    not_applicable = ""  # why the other targets are left out
+    max_reps: int | None = None  # fewer repeats than --reps (a deterministic measurement)
 
     def __init__(self, sizes: Sizes) -> None:
         self.sizes = sizes
@@ -110,6 +120,14 @@ class Workload:
 
     def run(self, ctx: Ctx) -> dict[str, float]:
         raise NotImplementedError
+
+    def run_unmounted(self, workdir: Path, target: str) -> tuple[dict[str, float], dict[str, Any]]:
+        """For `mounts = False`: measure on `target` using workdir (shared by such workloads
+        for the whole run); returns the metrics and the extra observations."""
+        raise NotImplementedError
+
+    def applies(self, target: str) -> bool:
+        return self.applies_to is None or target in self.applies_to
 
     def restore_floor(self, layers: Layers) -> None:
         """Undo run's changes on the floor (the plain directory); nothing by default."""
@@ -512,28 +530,11 @@ class Untar(Workload):
         shutil.rmtree(layers.flat / "untar", ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class Placeholder:
-    """A workload of the issue that cannot run yet: reported as not measured, never faked."""
-
-    name: str
-    description: str
-
-    def unavailable(self) -> str:
-        """Always a reason: the hook where the container workloads will go."""
-        if shutil.which("cowctl") is None:
-            return "cowctl not available"
-        return "cowctl not available to the harness yet (the command exists; this workload is not written)"
-
-
-PLACEHOLDERS = (
-    Placeholder("container_cycle", "cowctl create → start → stop → rm, cowfs vs kernel overlayfs"),
-    Placeholder("container_footprint", "disk footprint of N containers from one image vs N copies"),
-)
-
-
 def workloads(sizes: Sizes) -> list[Workload]:
-    """All runnable workloads in run order (reads before the writes that dirty the page cache)."""
+    """All workloads in run order (reads before the writes that dirty the page cache; the
+    container workloads, which mount nothing of the prepared layers, last)."""
+    from bench.containers import container_workloads  # it builds on this module's classes
+
     return [
         SeqRead(sizes, cold=True),
         SeqRead(sizes, cold=False),
@@ -548,4 +549,5 @@ def workloads(sizes: Sizes) -> list[Workload]:
         CreateDelete(sizes),
         RmLower(sizes),
         Untar(sizes),
+        *container_workloads(sizes),
     ]

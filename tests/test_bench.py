@@ -6,7 +6,9 @@ every target and workload is accounted for, that every measurement that ran pass
 verification, that the outputs are written, and that nothing stays mounted or running. Targets and
 workloads whose tool is missing (fio, fuse-overlayfs and matplotlib come only with
 `scripts/setup.sh --bench`, which scripts/test.sh does not run) must be reported as unavailable
-with a reason, and the rest must still pass.
+with a reason, and the rest must still pass. The container workloads run through cowctl on its
+two storage drivers only (overlay and cowfs targets); they need busybox-static, which
+scripts/setup.sh installs.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ WORKLOADS = [
     "create_delete",
     "rm_lower",
     "untar",
+    "container_cycle",
+    "container_footprint",
 ]
-PLACEHOLDERS = ["container_cycle", "container_footprint"]
+CONTAINER_WORKLOADS = {"container_cycle", "container_footprint"}
+DRIVER_TARGETS = {"overlay", "cowfs"}  # cowctl's storage drivers
 
 
 def _bench(*args: str, timeout: float = 85) -> subprocess.CompletedProcess[str]:
@@ -87,20 +92,31 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     live_targets = [t for t in TARGETS if targets[t]["status"] == "ok"]
 
     loads = {w["name"]: w for w in res["workloads"]}
-    assert list(loads) == WORKLOADS + PLACEHOLDERS
+    assert list(loads) == WORKLOADS
     have_fio = shutil.which("fio") is not None
+    have_busybox = os.path.exists("/bin/busybox")
     for name in WORKLOADS:
-        want = "ok" if (name != "randread_4k" or have_fio) else "unavailable"
+        if name == "randread_4k":
+            want = "ok" if have_fio else "unavailable"
+        elif name in CONTAINER_WORKLOADS:
+            want = "ok" if have_busybox else "unavailable"
+        else:
+            want = "ok"
         assert loads[name]["status"] == want, loads[name]
     if not have_fio:
         assert "fio" in loads["randread_4k"]["reason"]
-    for name in PLACEHOLDERS:
-        assert loads[name]["status"] == "unavailable"
-        assert loads[name]["reason"].startswith("cowctl not available")
+    for name in CONTAINER_WORKLOADS:
+        assert loads[name]["not_applicable"] == ["floor", "fuse-overlayfs"]
+        assert "not applicable" in loads[name]["not_applicable_reason"]
+        if not have_busybox:
+            assert loads[name]["reason"].startswith("busybox-static missing")
     live_loads = [w for w in WORKLOADS if loads[w]["status"] == "ok"]
 
+    def applies(w: str, t: str) -> bool:
+        return w not in CONTAINER_WORKLOADS or t in DRIVER_TARGETS
+
     results = {(x["workload"], x["target"]): x for x in res["results"]}
-    assert set(results) == {(w, t) for w in live_loads for t in live_targets}
+    assert set(results) == {(w, t) for w in live_loads for t in live_targets if applies(w, t)}
     for (w, t), row in results.items():
         assert row["status"] == "ok" and row["verified"], (w, t, row["errors"])
         assert len(row["samples"]) == 1
@@ -108,19 +124,36 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
             value = row["samples"][0]["metrics"][m["name"]]
             assert math.isfinite(value) and value > 0, (w, t, m["name"], value)
             assert row["summary"][m["name"]]["median"] == value
-        if t in ("fuse-overlayfs", "cowfs"):
+        if w in CONTAINER_WORKLOADS:
+            assert row["daemon_cpu_s"] is None  # each container has its own daemon
+        elif t in ("fuse-overlayfs", "cowfs"):
             assert row["daemon_cpu_s"]["median"] >= 0
         else:
             assert row["daemon_cpu_s"] is None
 
-    metrics = [m for w in live_loads for m in loads[w]["metrics"]]
+    metrics = [m for w in live_loads for m in loads[w]["metrics"] if m["speed"]]
     assert set(res["ratios"]) == {m["name"] for m in metrics}
     for m in metrics:
         ratio = res["ratios"][m["name"]]
         assert ratio["cowfs/overlay"] > 0
         # copy-up on the floor is an in-place append, not a copy: no ratio to it
         assert ("cowfs/floor" in ratio) == m["vs_floor"]
-        assert ("cowfs/fuse-overlayfs" in ratio) == have_fo
+        container = any(m in loads[w]["metrics"] for w in CONTAINER_WORKLOADS if w in live_loads)
+        assert ("cowfs/fuse-overlayfs" in ratio) == (have_fo and not container)
+
+    if have_busybox:
+        for t in DRIVER_TARGETS:
+            cyc = results[("container_cycle", t)]["samples"][0]["metrics"]
+            phases = sum(cyc[f"cycle_{p}"] for p in ("create", "start", "stop", "rm"))
+            assert math.isclose(cyc["cycle"], phases)
+            # The storage claim (bytes, not time): N containers share the image's layers.
+            fp = results[("container_footprint", t)]["samples"][0]
+            n = fp["extras"]["containers"]
+            assert n == res["sizes"]["containers"] == len(fp["extras"]["uppers_bytes"])
+            m = fp["metrics"]
+            assert m["footprint"] < m["footprint_copies"]
+            assert m["footprint_ratio"] == m["footprint"] / m["footprint_copies"] < 1
+            assert m["footprint_state_root"] >= m["footprint"]
 
     mem = res["memory"]["cowfs"]
     sz = res["sizes"]
@@ -134,7 +167,8 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     for w in live_loads:
         for m in loads[w]["metrics"]:
             assert f"| {m['label']} | {m['unit']} |" in md
-    assert "cowctl not available" in md
+    if have_busybox:
+        assert "| n/a |" in md and "not applicable" in md
     assert "FAILED" not in md
     assert md in r.stdout
 
@@ -181,3 +215,33 @@ def test_speed_ratio_direction() -> None:
     assert speed_ratio(2.0, 1.0, higher_is_better=False) == 0.5  # twice the time
     assert speed_ratio(0.0, 1.0, higher_is_better=True) is None
     assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+DF_V = """\
+TYPE         TOTAL   ACTIVE   SIZE     RECLAIMABLE
+Images       1       0        2.06MB   2.06MB (100%)
+Containers   2       0        213kB    213kB (100%)
+
+Images space usage:
+
+REPOSITORY   TAG      IMAGE ID       SIZE     SHARED SIZE   UNIQUE SIZE   CONTAINERS
+bb           latest   fe9e89ee2f87   2.06MB   0B            2.06MB        2
+
+Containers space usage:
+
+CONTAINER ID   IMAGE   SIZE    STATUS    NAMES
+25c6aca6041f   bb      106kB   exited    fp-cowfs-1
+8bd6d897dc2d   bb      107kB   exited    fp-cowfs-2
+"""
+
+
+def test_parse_cowctl_df(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.containers import parse_df, parse_size
+
+    assert parse_size("0B") == 0 and parse_size("106kB") == 106_000
+    assert parse_size("2.06MB") == 2_060_000 and parse_size("1.5GB") == 1.5e9
+    df = parse_df(DF_V)
+    assert df["images_total"] == 2_060_000 and df["containers_total"] == 213_000
+    assert df["images"] == {"bb:latest": {"size": 2_060_000, "containers": 2}}
+    assert df["containers"] == {"fp-cowfs-1": 106_000, "fp-cowfs-2": 107_000}
