@@ -415,3 +415,27 @@ def test_interrupted_removal_is_finished_by_the_next_command(ctl: Ctl) -> None:
     assert r.rc == 0 and r.out == ""
     assert not upper.parent.exists()
     assert ctl("create", "--name", "half", "bb", "true").rc == 0  # the name is free again
+
+
+def test_concurrent_commands_on_one_container(ctl: Ctl) -> None:
+    """Two controllers racing on one container: one start wins, the rest see it started (or
+    being started); exactly one monitor, one daemon, one mount."""
+    ctl.ok("create", "--name", "race", "bb", "sh", "-c", LOOP)
+    procs = [
+        subprocess.Popen(
+            [*_cmd(ctl), "start", "race"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert all(rc == 0 or "being started by another command" in err for rc, err in results), results
+    assert ctl.state("race")["Status"] == "running"
+    assert len(ctl.mounts()) == 1 and len(daemons_under(ctl.root)) == 2  # one monitor, one cowfs
+    stops = [
+        subprocess.Popen([*_cmd(ctl), "stop", "race"], stdout=subprocess.DEVNULL) for _ in range(3)
+    ]
+    assert [p.wait(timeout=60) for p in stops] == [0, 0, 0]
+    assert ctl.state("race")["Status"] == "exited" and ctl.mounts() == []
