@@ -45,13 +45,29 @@ _SYNTH_BASE = 1 << 62  # inode numbers not taken from a backing object live abov
 _ODIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Attr:
-    """An inode's attributes as the mount shows them."""
+    """An inode's attributes as the mount shows them. Treat as immutable: a lower object's `Attr`
+    is cached in its inode and handed out again."""
 
     ino: int
     st: os.stat_result
     nlink: int
+    reply: object = None  # the adapter's reply built from these attributes, reused with them
+
+
+# xattr names that may be answered "absent" from an inode's cached name list: the ones the kernel
+# asks for on its own (before every write, for every `ls -l`) and the user namespace. Nothing but
+# this mount adds such a name to a backing object (other security.* names, e.g. IMA's, may appear
+# behind our back and always go to the host).
+_FAST_ABSENT_NAMES = frozenset(
+    {
+        "security.capability",
+        "security.selinux",
+        "system.posix_acl_access",
+        "system.posix_acl_default",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -72,10 +88,15 @@ class UnionFS:
         self._busy: dict[int, trio.Event] = {}
         self._synth = _SYNTH_BASE + (1 << 61)
         self._devs: dict[int, int] = {}
+        # (layer, name, file type) -> the errno the host gives for an absent xattr name there.
+        self._absent_errno: dict[tuple[int, str, int], int] = {}
         # Inodes whose attributes changed behind the kernel's cache (copy-up): the adapter
         # drains this after each request and tells the kernel.
         self.attr_changed: set[int] = set()
         self.limiter = trio.CapacityLimiter(4)
+        # With the kernel's writeback cache on, it may read pages through a write-only handle:
+        # such handles get an O_RDWR backing fd (see `_handle_fd`).
+        self.writeback = False
         self.sync = not stack.config.volatile
         self.ino_xattr = stack.xattr_prefix + "cowfs.ino"
         self.opaque_xattr = stack.xattr_prefix + "opaque"
@@ -99,6 +120,7 @@ class UnionFS:
             sources[0].layer,
             ("o", st.st_dev, st.st_ino),
             sources=sources,
+            fmt=stat.S_IFDIR,
         )
         root.nlookup = 1
         self.table.add(root)
@@ -151,11 +173,27 @@ class UnionFS:
             inode.fd = self._opath(inode)
 
     def attr(self, inode: Inode) -> Attr:
+        lower = inode.layer > 0
+        if lower:
+            # Lower layers never change: their objects' attributes are taken once. (The lower
+            # atime may move on; the kernel caches attributes for an hour anyway.)
+            a = inode.attr
+            if a is not None and a.ino == inode.ino:  # type: ignore[attr-defined]
+                return a  # type: ignore[return-value]
         st = self._stat(inode)
         nlink = st.st_nlink
         if inode.is_dir and len(inode.sources) > 1:
             nlink = 1  # kernel overlayfs: merged directories report 1 ("pacifies find")
-        return Attr(inode.ino, st, nlink)
+        a = Attr(inode.ino, st, nlink)
+        if lower:
+            inode.attr = a
+        return a
+
+    @staticmethod
+    def _now_upper(inode: Inode) -> None:
+        """The inode's backing object was replaced by its upper copy: drop what was cached."""
+        inode.attr = None
+        inode.xnames = None
 
     async def _wait_idle(self, inode: Inode | None) -> None:
         while inode is not None and inode.ino in self._busy:
@@ -295,7 +333,7 @@ class UnionFS:
                 self.table.by_key.pop(old.key, None)
                 old.ino = self._new_synth()
                 self.table.inodes[old.ino] = old
-        inode = Inode(ino, is_dir, fd, top, key, sources=sources)
+        inode = Inode(ino, is_dir, fd, top, key, sources=sources, fmt=stat.S_IFMT(st.st_mode))
         self.table.add(inode)
         self.table.add_link(inode, parent.ino, name)
         return inode
@@ -433,24 +471,32 @@ class UnionFS:
             inode.listing = [os.fsencode(n) for n in merged]
         return inode.listing
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr | None, int]]:
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
         """Yields (name, attrs, next offset). Offsets 0/1 are '.' and '..'; the caller counts a
         lookup for every entry the kernel accepted, except those two."""
+        for name, attr, nxt, _inode in self.readdir_plus(fh, start):
+            yield name, attr, nxt
+
+    def readdir_plus(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int, Inode | None]]:
+        """`readdir` with each entry's inode (None for '.' and '..'): the caller adds 1 to its
+        `nlookup` if the kernel accepted the entry, and calls `table.maybe_drop` if not."""
         ino = self._dirhandle_ino[fh]
         inode = self.table.get(ino)
         names = self.dirhandles[fh]
         if names is None or start == 0:
             names = self.dirhandles[fh] = self._listing(inode)
         if start == 0:
-            yield b".", self.attr(inode), 1
+            yield b".", self.attr(inode), 1, None
         if start <= 1:
-            yield b"..", self.attr(self._parent_of(inode)), 2
+            yield b"..", self.attr(self._parent_of(inode)), 2, None
+        attr = self.attr
+        lookup = self._lookup_inode
         for i in range(max(start, 2) - 2, len(names)):
             name = names[i]
-            child = self._lookup_inode(inode, name)
+            child = lookup(inode, name)
             if child is None:
                 continue  # removed since the listing was taken
-            yield name, self.attr(child), i + 3
+            yield name, attr(child), i + 3, child
 
     def note_lookup(self, attr: Attr) -> None:
         self.table.get(attr.ino).nlookup += 1
@@ -491,6 +537,7 @@ class UnionFS:
             fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=pfd)
         inode.sources.insert(0, Source(0, fd))
         inode.fd, inode.layer = fd, 0
+        self._now_upper(inode)
         # Now merged (nlink 1): the kernel holds the lower nlink for an hour unless told.
         self.attr_changed.add(inode.ino)
         ust = os.fstat(fd)
@@ -525,12 +572,13 @@ class UnionFS:
         # copy-up breaks lower hard links, so that is exactly one).
         inode.links = {(parent.ino, name)}
         inode.layer = 0
+        self._now_upper(inode)
         self.attr_changed.add(inode.ino)  # a lower hard link's copy has nlink 1
         ust = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.table.rekey(inode, ("o", ust.st_dev, ust.st_ino))
         for h in inode.handles:
             # Readers opened before the copy-up must see the new data from now on.
-            new = self._reopen(inode, h.flags & ~os.O_TRUNC)
+            new = self._handle_fd(inode, h.flags & ~os.O_TRUNC)
             os.close(h.fd)
             h.fd = new
 
@@ -544,10 +592,20 @@ class UnionFS:
             await self._copy_up(inode, with_data=not flags & os.O_TRUNC)
         return self._open_handle(inode, flags)
 
+    def _handle_fd(self, inode: Inode, flags: int) -> int:
+        """The backing fd of an open file (never O_APPEND: the kernel positions every write)."""
+        flags &= ~os.O_APPEND
+        if self.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            try:
+                return self._reopen(inode, (flags & ~os.O_ACCMODE) | os.O_RDWR)
+            except PermissionError:
+                pass  # the kernel's page reads through this handle will fail, not the open
+        return self._reopen(inode, flags)
+
     def _open_handle(self, inode: Inode, flags: int, fd: int = -1) -> FileHandle:
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT)
         if fd < 0:
-            fd = self._reopen(inode, flags)
+            fd = self._handle_fd(inode, flags)
         h = FileHandle(inode, fd, flags & ~os.O_TRUNC)
         fh = self._new_fh()
         self.handles[fh] = h
@@ -602,6 +660,7 @@ class UnionFS:
                 self._upper_dir(inode)
             else:
                 await self._copy_up(inode, with_data=size != 0)
+        inode.xnames = None  # chown drops security.capability, chmod rewrites an ACL
         is_link = stat.S_ISLNK(self._stat(inode).st_mode)
         if size is not None:
             h = self.handles.get(fh) if fh is not None else None
@@ -643,14 +702,49 @@ class UnionFS:
 
     # ------------------------------------------------------------------ xattrs
 
+    def _xnames(self, inode: Inode) -> frozenset[str] | None:
+        """The backing object's xattr names, cached. Valid for "absent" answers until an
+        operation that can add a name (setxattr, setattr, copy-up) drops it."""
+        names = inode.xnames
+        if names is None:
+            path, follow = self._xpath(inode)
+            try:
+                names = frozenset(os.listxattr(path, follow_symlinks=follow))
+            except OSError:
+                return None
+            inode.xnames = names
+        return names
+
     def getxattr(self, ino: int, name: str) -> bytes:
         if is_private_xattr(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        path, follow = self._xpath(self.table.get(ino))
-        return os.getxattr(path, name, follow_symlinks=follow)
+        inode = self.table.get(ino)
+        key = None
+        if inode.fmt and (name in _FAST_ABSENT_NAMES or name.startswith("user.")):
+            names = self._xnames(inode)
+            if names is not None and name not in names:
+                key = (inode.layer, name, inode.fmt)
+                err = self._absent_errno.get(key)
+                if err is not None:
+                    raise OSError(err, os.strerror(err))
+        path, follow = self._xpath(inode)
+        try:
+            value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError as e:
+            if key is not None and e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                self._absent_errno[key] = e.errno
+            raise
+        if key is not None:
+            inode.xnames = None  # the name list was out of date after all
+        return value
 
     def listxattr(self, ino: int) -> list[str]:
-        path, follow = self._xpath(self.table.get(ino))
+        inode = self.table.get(ino)
+        if inode.layer > 0:
+            names = self._xnames(inode)
+            if names is not None:
+                return [n for n in names if not is_private_xattr(n)]
+        path, follow = self._xpath(inode)
         return [n for n in os.listxattr(path, follow_symlinks=follow) if not is_private_xattr(n)]
 
     async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:
@@ -662,7 +756,11 @@ class UnionFS:
             )
         inode = await self._modifiable(ino)
         path, follow = self._xpath(inode)
-        os.setxattr(path, name, value, flags, follow_symlinks=follow)
+        inode.xnames = None
+        try:
+            os.setxattr(path, name, value, flags, follow_symlinks=follow)
+        finally:
+            inode.xnames = None
 
     async def removexattr(self, ino: int, name: str) -> None:
         self._need_writable()
@@ -673,6 +771,7 @@ class UnionFS:
         os.getxattr(path, name, follow_symlinks=follow)  # ENODATA before any copy-up
         inode = await self._modifiable(ino)
         path, follow = self._xpath(inode)
+        inode.xnames = None
         os.removexattr(path, name, follow_symlinks=follow)
 
     async def _modifiable(self, ino: int) -> Inode:
@@ -744,6 +843,8 @@ class UnionFS:
         uid, gid = self._owner(pfd, uid, gid)
         oflags = (flags & ~(os.O_APPEND | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         oflags |= os.O_CLOEXEC
+        if self.writeback and oflags & os.O_ACCMODE == os.O_WRONLY:
+            oflags = (oflags & ~os.O_ACCMODE) | os.O_RDWR  # a new file: no permission check
         target, dfd = (copyup.temp_name(), self.stack.work_fd) if over else (name, pfd)
         fd = os.open(target, oflags, stat.S_IMODE(mode), dir_fd=dfd)
         try:
@@ -948,9 +1049,11 @@ class UnionFS:
             opfd = self._upper_dir(old_p)
             npfd = self._upper_dir(new_p)
             if src.is_dir and self._lower_has(new_p, new_name).kind is Kind.DIR:
+                src.xnames = None
                 os.setxattr(fdpath(src.fd), self.opaque_xattr, b"y")
             if exchange:
                 if dst.is_dir and self._lower_has(old_p, old_name).kind is Kind.DIR:
+                    dst.xnames = None
                     os.setxattr(fdpath(dst.fd), self.opaque_xattr, b"y")
                 _sys.renameat2(opfd, old_name, npfd, new_name, _sys.RENAME_EXCHANGE)
                 t = self.table

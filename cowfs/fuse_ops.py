@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from cowfs.engine import Attr, UnionFS
 
@@ -41,12 +42,21 @@ def boundary(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if self.fs.attr_changed:
-                self.invalidate_attrs()
+                await self.invalidate_attrs()
 
     return wrapper  # type: ignore[return-value]
 
 
 def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    """The reply for `attr`, built once per `Attr` (a lower object's `Attr` is cached and
+    reused, and pyfuse3 only reads an `EntryAttributes` when it replies)."""
+    e = attr.reply
+    if e is None:
+        e = attr.reply = _entry(attr)
+    return e  # type: ignore[return-value]
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     st = attr.st
     e.st_ino = attr.ino
@@ -74,30 +84,46 @@ def negative_entry() -> pyfuse3.EntryAttributes:
     return e
 
 
+def _invalidate(inos: list[int]) -> None:
+    for ino in inos:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBADF):
+                log.warning("invalidate inode %d: %s", ino, e)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
+    # The kernel buffers writes (one WRITE per dirty range instead of one per write(2)), owns
+    # size and mtime of open files, and may read through write-only handles (the engine opens
+    # those O_RDWR).
+    enable_writeback_cache = True
     enable_acl = False
 
     def __init__(self, fs: UnionFS) -> None:
         super().__init__()
         self.fs = fs
         self.internal_errors = 0
+        if isinstance(fs, UnionFS):
+            fs.writeback = self.enable_writeback_cache
 
     def init(self) -> None:
         pass
 
-    def invalidate_attrs(self) -> None:
-        """Attribute-only invalidation takes no inode locks in the kernel (and there is no
-        writeback cache), so it cannot deadlock against the request being answered."""
+    async def invalidate_attrs(self) -> None:
+        """Tell the kernel about attributes that changed behind its cache (copy-up), before the
+        reply, so that the caller's next stat sees them. With the writeback cache,
+        `invalidate_inode` may block in the kernel (pyfuse3's docstring): it runs in a worker
+        thread while this handler waits, so the event loop keeps answering the requests the
+        kernel may be waiting for."""
         changed = self.fs.attr_changed
-        while changed:
-            ino = changed.pop()
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.EBADF):
-                    log.warning("invalidate inode %d: %s", ino, e)
+        inos = list(changed)
+        changed.clear()
+        if self.enable_writeback_cache:
+            await trio.to_thread.run_sync(_invalidate, inos)
+        else:
+            _invalidate(inos)
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
@@ -142,15 +168,14 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         fs = self.fs
-        for name, attr, nxt in fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, entry(attr), nxt):
-                if name not in (b".", b".."):
-                    inode = fs.table.inodes.get(attr.ino)
-                    if inode is not None:
-                        fs.table.maybe_drop(inode)
+        reply = pyfuse3.readdir_reply
+        for name, attr, nxt, inode in fs.readdir_plus(fh, start_id):
+            if not reply(token, name, entry(attr), nxt):
+                if inode is not None:
+                    fs.table.maybe_drop(inode)
                 break
-            if name not in (b".", b".."):
-                fs.note_lookup(attr)
+            if inode is not None:
+                inode.nlookup += 1
 
     @boundary
     async def releasedir(self, fh: int) -> None:

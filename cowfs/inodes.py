@@ -41,6 +41,12 @@ class Inode:
     nopen: int = 0
     handles: set[FileHandle] = field(default_factory=set)
     listing: list[bytes] | None = None  # merged names of a directory, dropped on any change
+    # Caches owned by the engine. `attr`: the attributes of a lower object (layers never change;
+    # ignored once the object is in the upper layer). `xnames`: the backing object's xattr names,
+    # for answering "absent" from memory; dropped by every operation that can add a name.
+    attr: object = None
+    xnames: frozenset[str] | None = None
+    fmt: int = 0  # stat.S_IFMT of the backing object (kept by copy-up); 0 when unknown
 
     @property
     def in_upper(self) -> bool:
