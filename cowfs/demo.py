@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cowfs.options import escape
+
 __all__ = ["main"]
 
 WIDTH = 78
@@ -227,7 +229,7 @@ def fstype(path: Path) -> str:
 
 def esc(path: Path) -> str:
     """A path as one element of an overlayfs option string."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    return escape(str(path))
 
 
 def daemon_pids(mnt: Path) -> list[int]:

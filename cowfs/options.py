@@ -138,6 +138,12 @@ def split_escaped(text: str, sep: str, unescape: bool = True) -> list[str]:
     return parts
 
 
+def escape(value: str) -> str:
+    """A value (a layer path) as it must appear in an -o string: the inverse of the parsing here,
+    so `\\`, `,` and `:` survive."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
 def _unescape(text: str) -> str:
     return split_escaped(text, "\0")[0]
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from cowfs.options import escape  # the one cowfs module lifecycle may use: its option syntax
+
 __all__ = ["MountError", "find_mount", "start_daemon", "unmount", "mount_state", "escape"]
 
 
@@ -55,11 +57,6 @@ def mount_state(path: str | os.PathLike[str], timeout: float = 2.0) -> str:
     if r.returncode != 0:
         return "stale"
     return "ok"
-
-
-def escape(path: str) -> str:
-    """A path as a value in cowfs's -o string: backslash, comma and colon escaped."""
-    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
 def start_daemon(

@@ -58,21 +58,27 @@ def unmount(path: str | os.PathLike[str]) -> None:
         time.sleep(0.05)
 
 
-def _mount_pids(mnt: str) -> list[int]:
-    """Daemon processes whose command line names this mount point."""
+def serving_pids(mnt: str, needle: bytes = b"cowfs") -> list[int]:
+    """Processes other than this one whose command line names this mount point and contains
+    ``needle`` (the daemon serving it)."""
     pids = []
     target = os.fsencode(os.path.realpath(mnt))
     for d in os.listdir("/proc"):
-        if not d.isdigit():
+        if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
             with open(f"/proc/{d}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if target in argv and any(b"cowfs" in a for a in argv):
+        if target in argv and any(needle in a for a in argv):
             pids.append(int(d))
     return pids
+
+
+def _mount_pids(mnt: str) -> list[int]:
+    """cowfs daemons serving this mount point."""
+    return serving_pids(mnt)
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from layerkit import (
     snapshot_layer_raw,
     snapshot_tree,
 )
-from mounting import cowfs_mount, is_mounted, overlay_mount, unmount
+from mounting import cowfs_mount, is_mounted, overlay_mount, serving_pids, unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -73,23 +73,6 @@ OP_UMASK = 0o002
 # mounting the implementation under test
 
 
-def _serving_pids(mnt: str, needle: bytes) -> list[int]:
-    """Processes other than us whose command line names ``mnt`` and contains ``needle``."""
-    target = os.fsencode(os.path.realpath(mnt))
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if target in argv and any(needle in a for a in argv):
-            pids.append(int(d))
-    return pids
-
-
 @contextlib.contextmanager
 def fuse_overlayfs_mount(
     mnt: str | os.PathLike[str], lowers: list[Path], upper: Path, work: Path
@@ -105,9 +88,9 @@ def fuse_overlayfs_mount(
             subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
         unmount(mnt)
         deadline = time.monotonic() + 10
-        while _serving_pids(mnt, b"fuse-overlayfs") and time.monotonic() < deadline:
+        while serving_pids(mnt, b"fuse-overlayfs") and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in _serving_pids(mnt, b"fuse-overlayfs"):
+        for pid in serving_pids(mnt, b"fuse-overlayfs"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
 
@@ -126,7 +109,7 @@ def _kill_impl_daemon(impl: str, mnt: str) -> None:
     needle = {"cowfs": b"cowfs", "fuse-overlayfs": b"fuse-overlayfs"}.get(impl)
     if needle is None:
         return
-    for pid in _serving_pids(mnt, needle):
+    for pid in serving_pids(mnt, needle):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
 

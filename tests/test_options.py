@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cowfs.errors import EXIT_USAGE, UserError
-from cowfs.options import parse_options, split_escaped
+from cowfs.options import escape, parse_options, split_escaped
 
 
 def test_basic() -> None:
@@ -69,10 +69,6 @@ def test_refusals_are_one_line(opts: str, fragment: str) -> None:
 paths = st.text(alphabet=st.sampled_from("ab:,\\/ x"), min_size=1, max_size=8).filter(
     lambda s: not s.endswith("\\")
 )
-
-
-def escape(p: str) -> str:
-    return p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
 
 
 @given(st.lists(paths, min_size=1, max_size=4))
