@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cowfs.options import escape  # the one cowfs module lifecycle may use: its option syntax
 
-__all__ = ["MountError", "find_mount", "start_daemon", "unmount", "mount_state", "escape"]
+__all__ = ["MountError", "find_mount", "start_daemon", "unmount", "escape"]
 
 
 class MountError(Exception):
@@ -41,22 +41,6 @@ def find_mount(path: str | os.PathLike[str]) -> str | None:
             if _unescape_mountinfo(left.split()[4]) == target:
                 found = right.split()[0]  # the last one mounted there is the visible one
     return found
-
-
-def mount_state(path: str | os.PathLike[str], timeout: float = 2.0) -> str:
-    """'absent', 'ok', 'stale' (mounted, but the daemon is gone: ENOTCONN) or 'hung'."""
-    if find_mount(path) is None:
-        return "absent"
-    # In a child with a deadline: a daemon that is alive but stuck makes statfs hang forever.
-    try:
-        r = subprocess.run(
-            ["stat", "-f", "-c", "%t", str(path)], capture_output=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return "hung"
-    if r.returncode != 0:
-        return "stale"
-    return "ok"
 
 
 def start_daemon(
