@@ -6,6 +6,7 @@ and the monitor never join it: a frozen daemon would wedge every container reque
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import time
@@ -133,11 +134,19 @@ class Cgroup:
 
 
 def cgroup_for(cid: str) -> Cgroup:
+    parent, v2 = _parent()
+    return Cgroup(parent / cid, v2)
+
+
+@functools.cache
+def _parent() -> tuple[Path, bool]:
+    """Where our cgroups live and which freezer they use: found once per process (reconcile
+    asks for every container)."""
     v2, v1 = _roots()
     if v2 is not None and _can_freeze(v2):
-        return Cgroup(v2 / PREFIX / cid, True)
+        return v2 / PREFIX, True
     if v1 is not None:
-        return Cgroup(v1 / PREFIX / cid, False)
+        return v1 / PREFIX, False
     raise OSError(
         errno.ENOTSUP, "no cgroup freezer (neither cgroup2 nor the v1 freezer is mounted)"
     )
