@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -729,8 +730,6 @@ def _cmdline_has(pid: int, arg: str) -> bool:
 
 
 def _valid_name(name: str) -> bool:
-    import re
-
     return re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name) is not None
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -271,8 +273,6 @@ def test_cowctl_killed_mid_stop(ctl: Ctl) -> None:
 
 
 def _cmd(ctl: Ctl) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "lifecycle", "--root", str(ctl.root)]
 
 
@@ -300,8 +300,6 @@ def test_images_import_tar_share_layers_and_refuse_rm_in_use(
     tar = tmp_path / "extra.tar"
     with tarfile.open(tar, "w") as tf:
         for name, data in ((".wh.motd", b""), ("hello", b"hi\n")):
-            import io
-
             ti = tarfile.TarInfo(f"etc/{name}")
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))

@@ -6,6 +6,8 @@ running or paused, a frozen cgroup exactly while paused, nothing left once remov
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -38,8 +40,6 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        import tempfile
-
         self.tmp = Path(tempfile.mkdtemp(prefix="cowctl-machine.", dir=self.base))
         self.ctl = Ctl(self.tmp / "root")
         layers = build_busybox_layers(self.tmp / "img")
@@ -52,8 +52,6 @@ class LifecycleMachine(RuleBasedStateMachine):
         if not hasattr(self, "ctl"):
             return
         forced = cleanup(self.ctl)
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
         assert forced == [], forced
 
