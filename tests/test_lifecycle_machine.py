@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -129,6 +130,35 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES))
     def rm_force(self, name: str) -> None:
         self._verb(Verb.RM_FORCE, name)
+
+    # --------------------------------------------------------------- crashes
+
+    def _actives(self) -> list[str]:
+        return sorted(n for n, s in self.model.items() if s in (Status.RUNNING, Status.PAUSED))
+
+    @precondition(lambda self: self._actives())
+    @rule(data=st.data())
+    def crash_monitor(self, data: st.DataObject) -> None:
+        """kill -9 of the monitor: the next command must find it out and stop the container."""
+        name = data.draw(st.sampled_from(self._actives()))
+        info = self.ctl.inspect(name)
+        os.kill(info["MonitorPid"], signal.SIGKILL)
+        self.log.append(f"kill -9 monitor of {name} [{self.model[name].value}]")
+        state = self.ctl.state(name)
+        assert state["Status"] == "exited" and "monitor died" in state["Error"], "\n".join(self.log)
+        self.model[name] = Status.EXITED
+
+    @precondition(lambda self: self._actives())
+    @rule(data=st.data())
+    def crash_daemon(self, data: st.DataObject) -> None:
+        """kill -9 of the cowfs daemon: the monitor stops the container and says why."""
+        name = data.draw(st.sampled_from(self._actives()))
+        info = self.ctl.inspect(name)
+        os.kill(info["DaemonPid"], signal.SIGKILL)
+        self.log.append(f"kill -9 cowfs daemon of {name} [{self.model[name].value}]")
+        state = self.ctl.wait_for(name, lambda i: i["State"]["Status"] == "exited")["State"]
+        assert "cowfs daemon exited unexpectedly" in state["Error"], "\n".join(self.log)
+        self.model[name] = Status.EXITED
 
     # --------------------------------------------------------------- what must hold
 
