@@ -11,8 +11,26 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 REQUIRE_FUSE_ENV = "COWFS_REQUIRE_FUSE"
+
+
+def missing(reason: str) -> NoReturn:
+    """A prerequisite is absent: skip on a developer's machine, fail under CI
+    (COWFS_REQUIRE_FUSE=1), where a skip would hide it."""
+    import pytest
+
+    if os.environ.get(REQUIRE_FUSE_ENV) == "1":
+        pytest.fail(f"{reason} (and {REQUIRE_FUSE_ENV}=1)")
+    pytest.skip(reason)
+
+
+def needs(ok: bool, reason: str) -> Any:
+    """A skipif marker that only skips when CI does not require everything."""
+    import pytest
+
+    return pytest.mark.skipif(not ok and os.environ.get(REQUIRE_FUSE_ENV) != "1", reason=reason)
 
 
 def fuse_problem() -> str | None:

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounting import is_mounted, unmount
+from mounting import is_mounted, missing, needs, unmount
 
 from lifecycle import changes as changes_mod
 from lifecycle.changes import changes, disk_usage, upper_usage
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs: root")
+pytestmark = needs(os.geteuid() == 0, "whiteouts and trusted xattrs: root")
 
 OPAQUE = "trusted.overlay.opaque"
 
@@ -189,7 +189,7 @@ def kernel_overlay(tmp_path: Path, lower: Path) -> Iterator[tuple[Path, Path, li
     opts = f"lowerdir={top}:{lower},upperdir={upper},workdir={work}"
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"kernel overlayfs not available: {r.stderr.decode().strip()}")
+        missing(f"kernel overlayfs not available: {r.stderr.decode().strip()}")
     try:
         yield mnt, upper, [top, lower]
     finally:

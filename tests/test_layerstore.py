@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mounting import needs
 
 from lifecycle import layerstore
 from lifecycle.layerstore import (
@@ -28,7 +29,7 @@ from lifecycle.layerstore import (
     remove_stale_temps,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="layers keep owners and whiteouts: root")
+pytestmark = needs(os.geteuid() == 0, "layers keep owners and whiteouts: root")
 
 OPAQUE = "trusted.overlay.opaque"
 

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 from ctlkit import Ctl, controller, cpu_ticks, daemons_under, mounts_under
+from mounting import needs
 
 from lifecycle.demo import build_busybox_layers
 
 pytestmark = [
     pytest.mark.fuse,
-    # scripts/setup.sh installs it; under CI (COWFS_REQUIRE_FUSE=1) its absence fails the test.
-    pytest.mark.skipif(
-        not os.path.exists("/bin/busybox") and os.environ.get("COWFS_REQUIRE_FUSE") != "1",
-        reason="busybox-static is missing",
+    needs(
+        os.path.exists("/bin/busybox"), "busybox-static is missing (scripts/setup.sh installs it)"
     ),
 ]
 

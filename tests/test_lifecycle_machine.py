@@ -16,16 +16,15 @@ import pytest
 from ctlkit import Ctl, cleanup, daemons_under, mounts_under
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from mounting import needs
 
 from lifecycle.demo import build_busybox_layers
 from lifecycle.states import TABLE, Status, Verb
 
 pytestmark = [
     pytest.mark.fuse,
-    # scripts/setup.sh installs it; under CI (COWFS_REQUIRE_FUSE=1) its absence fails the test.
-    pytest.mark.skipif(
-        not os.path.exists("/bin/busybox") and os.environ.get("COWFS_REQUIRE_FUSE") != "1",
-        reason="busybox-static is missing",
+    needs(
+        os.path.exists("/bin/busybox"), "busybox-static is missing (scripts/setup.sh installs it)"
     ),
 ]
 

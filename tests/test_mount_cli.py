@@ -31,7 +31,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mounting import REQUIRE_FUSE_ENV, _mount_pids, cowfs_cmd, cowfs_mount, is_mounted, unmount
+from mounting import (
+    _mount_pids,
+    cowfs_cmd,
+    cowfs_mount,
+    is_mounted,
+    missing,
+    unmount,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -180,10 +187,7 @@ def need_mount_helper() -> None:
             " which links /usr/local/bin/cowfs -> .venv/bin/cowfs"
         )
     if problems:
-        msg = "; ".join(problems)
-        if os.environ.get(REQUIRE_FUSE_ENV) == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing("; ".join(problems))
 
 
 # --------------------------------------------------------------------------- 1. refusals
@@ -511,7 +515,7 @@ def test_mount_fuse3_with_path_wrapper_and_fusermount(
         (p for p in ("/sbin/mount.fuse3", "/sbin/mount.fuse") if os.access(p, os.X_OK)), None
     )
     if helper is None:
-        pytest.skip("/sbin/mount.fuse3 is missing (package fuse3)")
+        missing("/sbin/mount.fuse3 is missing (package fuse3)")
     populate(layers)
     mnt = layers["mnt"]
     bindir = tmp_path / "bin"
