@@ -100,15 +100,16 @@ class Controller:
         """Make every record honest: a container recorded as active whose monitor is gone is
         killed, unmounted and marked exited with an error; leftovers of interrupted starts and
         removals are cleaned. Nothing here deletes upper data of a live container."""
+        mounted = mounts.mount_table()  # read once, not once per container
         for c in self.store.containers():
             try:
-                self._reconcile_one(c)
+                self._reconcile_one(c, mounted)
             except CtlError:
                 raise
             except Exception as e:  # noqa: BLE001 - one broken container must not block the rest
                 print(f"cowctl: warning: cannot reconcile {c.id[:12]}: {e}", file=sys.stderr)
 
-    def _reconcile_one(self, c: Container) -> None:
+    def _reconcile_one(self, c: Container, mounted: dict[str, str]) -> None:
         merged = self.store.container_dir(c.id) / "merged"
         monitor_alive = _alive(c.monitor_pid, c.monitor_start)
         if c.status == Status.REMOVING:
@@ -146,7 +147,7 @@ class Controller:
             if c.monitor_pid:
                 with self.store.tx():
                     self.store.update(c.id, monitor_pid=0, monitor_start=0)
-            if mounts.find_mount(merged) is not None:
+            if os.path.realpath(merged) in mounted:
                 self._kill_tree(c)
 
     def _kill_tree(self, c: Container) -> None:

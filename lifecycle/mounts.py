@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cowfs.options import escape  # the one cowfs module lifecycle may use: its option syntax
 
-__all__ = ["MountError", "find_mount", "start_daemon", "unmount", "escape"]
+__all__ = ["MountError", "find_mount", "mount_table", "start_daemon", "unmount", "escape"]
 
 
 class MountError(Exception):
@@ -31,16 +31,20 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-def find_mount(path: str | os.PathLike[str]) -> str | None:
-    """The fstype mounted at `path` in this mount namespace, or None."""
-    target = os.path.realpath(path)
-    found = None
+def mount_table() -> dict[str, str]:
+    """Mount point -> fstype of what is visible there, in this mount namespace."""
+    table = {}
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            if _unescape_mountinfo(left.split()[4]) == target:
-                found = right.split()[0]  # the last one mounted there is the visible one
-    return found
+            # the last one mounted at a point is the visible one
+            table[_unescape_mountinfo(left.split()[4])] = right.split()[0]
+    return table
+
+
+def find_mount(path: str | os.PathLike[str]) -> str | None:
+    """The fstype mounted at `path` in this mount namespace, or None."""
+    return mount_table().get(os.path.realpath(path))
 
 
 def start_daemon(
