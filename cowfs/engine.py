@@ -33,6 +33,7 @@ from cowfs.layers import (
     purge_dir,
     read_opaque,
 )
+from cowfs.listing import Hints, Listing
 from cowfs.ondisk import OCI_PREFIX, Kind, classify, is_private_xattr, is_whiteout_stat
 from cowfs.union import Observation, Resolution, merge_listing, resolve
 
@@ -83,8 +84,6 @@ class UnionFS:
         self.stack = stack
         self.table = InodeTable()
         self.handles: dict[int, FileHandle] = {}
-        self.dirhandles: dict[int, list[bytes] | None] = {}
-        self._dirhandle_ino: dict[int, int] = {}
         self._next_fh = 1
         self._busy: dict[int, trio.Event] = {}
         self._synth = _SYNTH_BASE + (1 << 61)
@@ -335,6 +334,8 @@ class UnionFS:
                 old.ino = self._new_synth()
                 self.table.inodes[old.ino] = old
         inode = Inode(ino, is_dir, fd, top, key, sources=sources, fmt=stat.S_IFMT(st.st_mode))
+        if top > 0 and not is_dir:
+            inode.attr = Attr(ino, st, st.st_nlink)  # what `attr` would stat again
         self.table.add(inode)
         self.table.add_link(inode, parent.ino, name)
         return inode
@@ -421,14 +422,14 @@ class UnionFS:
     # ------------------------------------------------------------------ directories
 
     def opendir(self, ino: int) -> int:
+        """A directory handle is the inode number: listings live in the inode with offsets that
+        survive changes (`cowfs.listing`), so a handle needs no state of its own, and readdir
+        works the same without OPENDIR (see `fuse_ops.Operations.opendir`)."""
         inode = self.table.get(ino)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        fh = self._new_fh()
-        self.dirhandles[fh] = None
-        self._dirhandle_ino[fh] = ino
         inode.nopen += 1
-        return fh
+        return ino
 
     def _new_fh(self) -> int:
         self._next_fh += 1
@@ -465,47 +466,108 @@ class UnionFS:
         # entry in their own layer, which the OCI spec forbids anyway.
         return [(n, Kind.WHITEOUT) for n in hidden] + out
 
-    def _listing(self, inode: Inode) -> list[bytes]:
-        """The merged names; cached until a name in the directory changes (only we change it)."""
-        if inode.listing is None:
-            merged = merge_listing([(s.layer, self._layer_entries(s)) for s in inode.sources])
-            inode.listing = [os.fsencode(n) for n in merged]
-        return inode.listing
+    def _scan(self, inode: Inode) -> tuple[list[bytes], Hints]:
+        """The merged names of a directory, and a lookup hint for each whose top entry is not
+        a directory (directories still need their opaque xattrs read: they get no hint)."""
+        per_layer = [(s.layer, self._layer_entries(s)) for s in inode.sources]
+        merged = merge_listing(per_layer)
+        kinds: list[tuple[int, dict[str, Kind]]] = []
+        for layer, entries in per_layer:
+            first: dict[str, Kind] = {}
+            for name, kind in entries:
+                first.setdefault(name, kind)  # as merge_listing: the first entry of a name wins
+            kinds.append((layer, first))
+        hints: Hints = {}
+        fsencode = os.fsencode
+        for name, top in merged.items():
+            below = None
+            found = False
+            for layer, first in kinds:
+                if not found:
+                    if layer == top:
+                        if first[name] is not Kind.NONDIR:
+                            break
+                        found = True
+                    continue
+                kind = first.get(name)
+                if kind is None:
+                    continue
+                if kind is Kind.NONDIR:
+                    below = layer
+                break
+            if found:
+                hints[fsencode(name)] = (top, below)
+        return [fsencode(n) for n in merged], hints
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+    def _listing(self, inode: Inode) -> Listing:
+        """The merged names, read from the layers once and again only after a name in the
+        directory changed (only cowfs changes the upper layer; lower layers never change)."""
+        listing = inode.listing
+        if listing is None:
+            listing = inode.listing = Listing(*self._scan(inode))
+        elif listing.stale:
+            listing.refresh(*self._scan(inode))
+        return listing
+
+    def _intern_hinted(
+        self, parent: Inode, name: bytes, hint: tuple[int, int | None]
+    ) -> Inode | None:
+        """`_lookup_inode` for a plain file the directory scan just saw: one stat instead of a
+        probe of every layer. None when the entry is not what the scan saw (then probe)."""
+        top, below = hint
+        src = parent.source(top)
+        if src is None:
+            return None
+        try:
+            st = os.stat(name, dir_fd=src.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        if classify(st.st_mode, st.st_rdev) is not Kind.NONDIR:
+            return None
+        res = Resolution(Kind.NONDIR, (top,), below)
+        return self._intern(parent, name, res, {top: _Seen(st)})
+
+    def _names_changed(self, inode: Inode) -> None:
+        if inode.listing is not None:
+            inode.listing.stale = True
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
         """Yields (name, attrs, next offset). Offsets 0/1 are '.' and '..'; the caller counts a
         lookup for every entry the kernel accepted, except those two."""
-        for name, attr, nxt, _inode in self.readdir_plus(fh, start):
+        for name, attr, nxt, _inode in self.readdir_plus(ino, start):
             yield name, attr, nxt
 
-    def readdir_plus(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int, Inode | None]]:
+    def readdir_plus(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int, Inode | None]]:
         """`readdir` with each entry's inode (None for '.' and '..'): the caller adds 1 to its
         `nlookup` if the kernel accepted the entry, and calls `table.maybe_drop` if not."""
-        ino = self._dirhandle_ino[fh]
         inode = self.table.get(ino)
-        names = self.dirhandles[fh]
-        if names is None or start == 0:
-            names = self.dirhandles[fh] = self._listing(inode)
+        if not inode.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        listing = self._listing(inode)
         if start == 0:
             yield b".", self.attr(inode), 1, None
         if start <= 1:
             yield b"..", self.attr(self._parent_of(inode)), 2, None
         attr = self.attr
-        lookup = self._lookup_inode
-        for i in range(max(start, 2) - 2, len(names)):
-            name = names[i]
-            child = lookup(inode, name)
+        cached = self.table.cached
+        hints = listing.hints
+        for name, nxt in listing.since(start):
+            child = cached(ino, name)
             if child is None:
-                continue  # removed since the listing was taken
-            yield name, attr(child), i + 3, child
+                hint = hints.pop(name, None)
+                if hint is not None:
+                    child = self._intern_hinted(inode, name, hint)
+                if child is None:
+                    child = self._lookup_inode(inode, name)
+                    if child is None:
+                        continue  # removed since the listing was read
+            yield name, attr(child), nxt, child
 
     def note_lookup(self, attr: Attr) -> None:
         self.table.get(attr.ino).nlookup += 1
 
-    def releasedir(self, fh: int) -> None:
-        self.dirhandles.pop(fh, None)
-        ino = self._dirhandle_ino.pop(fh, None)
-        inode = self.table.inodes.get(ino) if ino is not None else None
+    def releasedir(self, ino: int) -> None:
+        inode = self.table.inodes.get(ino)
         if inode is not None:
             inode.nopen -= 1
             self.table.maybe_drop(inode)
@@ -834,7 +896,7 @@ class UnionFS:
         if res.kind is not Kind.ABSENT:
             raise OSError(errno.EEXIST, "file exists")
         pfd = self._upper_dir(parent)
-        parent.listing = None
+        self._names_changed(parent)
         st = self._upper_entry(pfd, name)
         over_whiteout = st is not None
         if st is not None and not is_whiteout_stat(st.st_mode, st.st_rdev):
@@ -962,7 +1024,7 @@ class UnionFS:
         return tmp
 
     def _drop_link(self, parent: Inode, name: bytes, inode: Inode | None) -> None:
-        parent.listing = None
+        self._names_changed(parent)
         if inode is not None:
             self.table.drop_link(inode, parent.ino, name)
 
@@ -1069,7 +1131,8 @@ class UnionFS:
             else:
                 raise OSError(errno.EBUSY, "rename kept racing with copy-up")
             # From here to the end: no await.
-            old_p.listing = new_p.listing = None
+            self._names_changed(old_p)
+            self._names_changed(new_p)
             opfd = self._upper_dir(old_p)
             npfd = self._upper_dir(new_p)
             if src.is_dir and self._lower_has(new_p, new_name).kind is Kind.DIR:

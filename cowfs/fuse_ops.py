@@ -20,6 +20,10 @@ __all__ = ["Operations"]
 
 log = logging.getLogger(__name__)
 
+# pyfuse3 built with cowfs's patches (scripts/setup.sh) passes a directory's inode to readdir
+# when there was no OPENDIR.
+NO_OPENDIR = "readdir-ino" in getattr(pyfuse3, "cowfs_patches", ())
+
 # Layers are immutable and the upper changes only through this mount, so the kernel may keep
 # names, attributes and negative entries as long as it likes.
 TIMEOUT = 3600.0
@@ -163,10 +167,17 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: Any) -> int:
+        # With pyfuse3 patched to pass the inode to readdir (third_party/pyfuse3), ENOSYS turns
+        # OPENDIR and RELEASEDIR off for good (FUSE_NO_OPENDIR_SUPPORT) and the kernel caches
+        # listings (FOPEN_CACHE_DIR), dropping them when the directory changes through it - and
+        # only the kernel changes it. A warm readdir then costs no request at all.
+        if NO_OPENDIR:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return self.fs.opendir(inode)
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # `fh` is the directory's inode number, from opendir or from pyfuse3 itself.
         fs = self.fs
         reply = pyfuse3.readdir_reply
         for name, attr, nxt, inode in fs.readdir_plus(fh, start_id):

@@ -13,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cowfs.listing import Listing
 
 __all__ = ["FileHandle", "Inode", "InodeTable", "Source"]
 
@@ -40,7 +44,7 @@ class Inode:
     nlookup: int = 0
     nopen: int = 0
     handles: set[FileHandle] = field(default_factory=set)
-    listing: list[bytes] | None = None  # merged names of a directory, dropped on any change
+    listing: Listing | None = None  # a directory's merged names, refreshed after changes
     # Caches owned by the engine. `attr`: the attributes of a lower object (layers never change;
     # ignored once the object is in the upper layer). `xnames`: the backing object's xattr names,
     # for answering "absent" from memory; dropped by every operation that can add a name.

@@ -4,12 +4,14 @@
 #   scripts/setup.sh [--bench]
 #
 # 1. Debian packages (as root): fuse3 (fusermount3, mount.fuse3), libfuse3-dev, pkg-config and gcc
-#    (to build pyfuse3), attr (getfattr/setfattr), busybox-static (the container demo's image).
+#    and patch (to build pyfuse3), attr (getfattr/setfattr), busybox-static (the container demo's image).
 #    --bench or COWFS_SETUP_BENCH=1 adds fio and fuse-overlayfs. `apt-get update` runs only when
 #    something is missing.
-# 2. A virtualenv in <repo>/.venv with `pip install -e '.[test]'` (`.[test,bench]` with --bench),
-#    redone only when pyproject.toml, the Python or the checkout's path changed, or --bench asks for
-#    the bench extra the venv lacks (stamp: .venv/.cowfs-stamp; once there, the extra is kept).
+# 2. A virtualenv in <repo>/.venv: first pyfuse3, built from its pinned sdist with cowfs's patch
+#    (third_party/pyfuse3/; redone when the patch changes, stamp .venv/.pyfuse3-stamp), then
+#    `pip install -e '.[test]'` (`.[test,bench]` with --bench), redone only when pyproject.toml,
+#    the Python or the checkout's path changed, or --bench asks for the bench extra the venv lacks
+#    (stamp: .venv/.cowfs-stamp; once there, the extra is kept).
 # 3. The mount(8) helper wiring (as root): /usr/local/bin/cowfs -> <repo>/.venv/bin/cowfs.
 #    `mount -t fuse.cowfs` runs /sbin/mount.fuse (fuse3's link to mount.fuse3), which runs `cowfs`
 #    with PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin.
@@ -41,7 +43,7 @@ done
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # --- 1. Debian packages --------------------------------------------------------------------------
-pkgs=(fuse3 libfuse3-dev pkg-config gcc attr busybox-static)
+pkgs=(fuse3 libfuse3-dev pkg-config gcc patch attr busybox-static)
 [ "$BENCH" = 1 ] && pkgs+=(fio fuse-overlayfs)
 
 command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)
@@ -89,9 +91,51 @@ if [ ! -e /dev/fuse ]; then
 fi
 
 # --- 2. The virtualenv -----------------------------------------------------------------------------
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH="$ROOT/third_party/pyfuse3/pyfuse3-$PYFUSE3_VERSION-cowfs.patch"
+PYFUSE3_STAMP="$VENV/.pyfuse3-stamp"
+
+pip_quiet() {
+    # PIP_NO_WARN_SCRIPT_LOCATION and the filter keep pip's chatter (this machine's extra
+    # file:// indexes, its version check) out of the output; a failure prints everything.
+    local log
+    log="$(mktemp)"
+    if ! PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 \
+        "$VENV/bin/python" -m pip "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "pip $1 failed"
+    fi
+    grep -v -E "file:///|^WARNING: Location|^WARNING: Retrying|^\s*$|^WARNING: You are using pip|^You should consider upgrading" \
+        "$log" >&2 || true
+    rm -f "$log"
+}
+
+build_pyfuse3() {
+    # Upstream pyfuse3 cannot run a file system without OPENDIR (see the patch's header); cowfs
+    # needs that for the kernel's directory cache. The sdist is pinned by hash, then patched.
+    local tmp src
+    tmp="$(mktemp -d)"
+    say "building pyfuse3 $PYFUSE3_VERSION with cowfs's patch ($(basename "$PYFUSE3_PATCH"))"
+    pip_quiet download -q --no-deps --no-binary pyfuse3 "pyfuse3==$PYFUSE3_VERSION" -d "$tmp"
+    src="$tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz"
+    [ -f "$src" ] || die "pip download did not fetch the pyfuse3 $PYFUSE3_VERSION sdist"
+    if [ "$(sha256sum "$src" | cut -d' ' -f1)" != "$PYFUSE3_SHA256" ]; then
+        rm -rf "$tmp"
+        die "pyfuse3-$PYFUSE3_VERSION.tar.gz does not have the pinned sha256 $PYFUSE3_SHA256"
+    fi
+    tar -xzf "$src" -C "$tmp"
+    patch -s -d "$tmp/pyfuse3-$PYFUSE3_VERSION" -p1 <"$PYFUSE3_PATCH" || die "the pyfuse3 patch does not apply"
+    # Cython regenerates the C source from the patched .pyx only if the shipped one is gone.
+    rm -f "$tmp/pyfuse3-$PYFUSE3_VERSION/src/pyfuse3/__init__.c"
+    pip_quiet install -q --force-reinstall --no-deps "$tmp/pyfuse3-$PYFUSE3_VERSION"
+    rm -rf "$tmp"
+}
+
 want_stamp="$(
     {
-        sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1
+        sha256sum "$ROOT/pyproject.toml" "$PYFUSE3_PATCH" | cut -d' ' -f1
         echo "$ROOT"
         "$PYTHON" -c 'import sys; print(sys.executable, sys.version)'
     } | sha256sum | cut -d' ' -f1
@@ -120,19 +164,14 @@ if [ "$want_stamp" != "$have_stamp" ] || [ ! -x "$VENV/bin/cowfs" ] || ! venv_ok
         rm -rf "$VENV"
         "$PYTHON" -m venv "$VENV"
     fi
-    say "installing cowfs and its test tools into .venv (pip install -e '.[$extras]')"
-    log="$(mktemp)"
-    # PIP_NO_WARN_SCRIPT_LOCATION and the filter keep pip's chatter (this machine's extra
-    # file:// indexes, its version check) out of the output; a failure prints everything.
-    if ! (cd "$ROOT" && PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 \
-        "$VENV/bin/python" -m pip install -q -e ".[$extras]") >"$log" 2>&1; then
-        cat "$log" >&2
-        rm -f "$log"
-        die "pip install failed"
+    pyfuse3_want="$(sha256sum "$PYFUSE3_PATCH" | cut -d' ' -f1) $PYFUSE3_SHA256"
+    if [ "$(cat "$PYFUSE3_STAMP" 2>/dev/null || true)" != "$pyfuse3_want" ] ||
+        ! "$VENV/bin/python" -c 'import pyfuse3; assert pyfuse3.cowfs_patches' >/dev/null 2>&1; then
+        build_pyfuse3
+        echo "$pyfuse3_want" >"$PYFUSE3_STAMP"
     fi
-    grep -v -E "file:///|^WARNING: Location|^WARNING: Retrying|^\s*$|^WARNING: You are using pip|^You should consider upgrading" \
-        "$log" >&2 || true
-    rm -f "$log"
+    say "installing cowfs and its test tools into .venv (pip install -e '.[$extras]')"
+    (cd "$ROOT" && pip_quiet install -q -e ".[$extras]")
     echo "$want_stamp" >"$STAMP"
 fi
 
