@@ -747,7 +747,14 @@ class UnionFS:
             else:
                 await self._copy_up(inode, with_data=size != 0)
         inode.xnames = None  # chown drops security.capability, chmod rewrites an ACL
-        is_link = stat.S_ISLNK(self._stat(inode).st_mode)
+        cur = self._stat(inode)
+        is_link = stat.S_ISLNK(cur.st_mode)
+        if size is not None and size == cur.st_size and self.writeback and mtime_ns is None:
+            # truncate(2) to the current size: the kernel's writeback cache keeps mtime (it owns
+            # a regular file's times and changes them only when the size changes), and so does
+            # the upper file, so that the mount shows the same before and after a remount.
+            # (ext4, hence kernel overlayfs, would set mtime to now.)
+            size = None
         if size is not None:
             h = self.handles.get(fh) if fh is not None else None
             if h is not None and h.flags & os.O_ACCMODE != os.O_RDONLY:

@@ -284,6 +284,19 @@ def _mtime(root: str, path: str) -> int | None:
         return None
 
 
+def _same_size_truncate(root: str, op: Op) -> int | None:
+    """The mtime before a (f)truncate of a regular file to its current size, else None."""
+    if op.fn not in (op_truncate, op_ftruncate):
+        return None
+    try:
+        st = os.stat(_p(root, op.args[0]))
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != op.args[1]:
+        return None
+    return st.st_mtime_ns
+
+
 def op_rename(root: str, src: str, dst: str):
     os.rename(_p(root, src), _p(root, dst))
 
@@ -600,6 +613,7 @@ class DiffPair:
         Returns the (common) outcome."""
         src_parent = _rename_src_parent(op)
         before = _mtime(self.ref_root, src_parent) if src_parent is not None else None
+        same_size = _same_size_truncate(self.ref_root, op)
         ref = outcome(lambda: op.fn(self.ref_root, *op.args))
         got = self._timed(lambda: outcome(lambda: op.fn(self.imp_root, *op.args)))
         self.history.append(f"{op}  -> {_fmt_outcome(ref)}")
@@ -611,7 +625,20 @@ class DiffPair:
             )
         if src_parent is not None and ref == ("err", "ENOTEMPTY"):
             self._forgive_failed_whiteout_rename(src_parent, before)
+        if same_size is not None and ref[0] == "ok":
+            self._forgive_same_size_truncate(op.args[0], same_size)
         return ref
+
+    def _forgive_same_size_truncate(self, path: str, before: int) -> None:
+        """truncate(2) to a regular file's current size: ext4 (so kernel overlayfs) sets mtime to
+        now; the FUSE kernel's writeback cache keeps a regular file's mtime unless the size
+        changes, and cowfs keeps the upper's to match. Only that exact difference is copied
+        over."""
+        after, mine = _mtime(self.ref_root, path), _mtime(self.imp_root, path)
+        if after is not None and after != before and mine == before:
+            st = os.stat(_p(self.ref_root, path))
+            os.utime(_p(self.imp_root, path), ns=(st.st_atime_ns, st.st_mtime_ns))
+            self.history.append(f"(kernel bumped mtime of {path!r} on a same-size truncate)")
 
     def _forgive_failed_whiteout_rename(self, parent: str, before: int | None) -> None:
         """Kernel overlayfs renames a dir with a lower namesake by renameat2(RENAME_WHITEOUT) on
