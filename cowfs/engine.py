@@ -639,7 +639,7 @@ class UnionFS:
         self.attr_changed.add(inode.ino)  # a lower hard link's copy has nlink 1
         ust = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.table.rekey(inode, ("o", ust.st_dev, ust.st_ino))
-        for h in inode.handles:
+        for h in inode.handles or ():
             # Readers opened before the copy-up must see the new data from now on.
             new = self._handle_fd(inode, h.flags & ~os.O_TRUNC)
             os.close(h.fd)
@@ -672,6 +672,8 @@ class UnionFS:
         h = FileHandle(inode, fd, flags & ~os.O_TRUNC)
         fh = self._new_fh()
         self.handles[fh] = h
+        if inode.handles is None:
+            inode.handles = set()
         inode.handles.add(h)
         inode.nopen += 1
         h.fh = fh
@@ -720,7 +722,8 @@ class UnionFS:
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
         os.close(h.fd)
-        h.inode.handles.discard(h)
+        if h.inode.handles is not None:
+            h.inode.handles.discard(h)
         h.inode.nopen -= 1
         self.table.maybe_drop(h.inode)
 

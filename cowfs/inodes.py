@@ -43,7 +43,7 @@ class Inode:
     links: set[tuple[int, bytes]] = field(default_factory=set)
     nlookup: int = 0
     nopen: int = 0
-    handles: set[FileHandle] = field(default_factory=set)
+    handles: set[FileHandle] | None = None  # open handles, made on the first open (most never are)
     listing: Listing | None = None  # a directory's merged names, refreshed after changes
     # Caches owned by the engine. `attr`: the attributes of a lower object (layers never change;
     # ignored once the object is in the upper layer). `xnames`: the backing object's xattr names,
