@@ -635,6 +635,10 @@ class UnionFS:
         # copy-up breaks lower hard links, so that is exactly one).
         inode.links = {(parent.ino, name)}
         inode.layer = 0
+        if parent.listing is not None:
+            # The scan's hint points at the lower copy; should the kernel forget this inode
+            # before a readdir reaches the name, the name must be probed afresh.
+            parent.listing.hints.pop(name, None)
         self._now_upper(inode)
         self.attr_changed.add(inode.ino)  # a lower hard link's copy has nlink 1
         ust = os.stat(name, dir_fd=pfd, follow_symlinks=False)

@@ -183,6 +183,27 @@ def test_copy_up_on_write_keeps_metadata_and_inode(env: Env) -> None:
     assert fs.getattr(ino).st.st_size == 11
 
 
+def test_readdir_after_a_forgotten_copy_up_shows_the_copy(env: Env) -> None:
+    """readdir probes a plain file's layer from hints taken when it read the directory; a file
+    copied up (and forgotten by the kernel) in between must be seen in the upper."""
+    d = env.lowers[0] / "d"
+    d.mkdir()
+    for n in ("a", "b", "c"):
+        (d / n).write_bytes(b"lower")
+    fs = env.start()
+    dino = env.ino("d")
+    assert next(fs.readdir_plus(dino, 0))[0] == b"."  # the listing and its hints are taken
+    ino = env.ino("d/b")
+    h = run(fs.open, ino, os.O_WRONLY)
+    run(fs.write, h.fh, 0, b"UPPER!!")
+    fs.release(h.fh)
+    fs.forget([(ino, 1)])
+    assert ino not in fs.table.inodes
+    got = {n: (a, i) for n, a, _o, i in fs.readdir_plus(dino, 0) if i is not None}
+    attr, inode = got[b"b"]
+    assert inode.layer == 0 and attr.st.st_size == 7 and attr.ino == ino
+
+
 def test_open_read_only_never_copies_up(env: Env) -> None:
     (env.lowers[0] / "f").write_text("x")
     fs = env.start()
