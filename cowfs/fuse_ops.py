@@ -21,8 +21,11 @@ __all__ = ["Operations"]
 log = logging.getLogger(__name__)
 
 # pyfuse3 built with cowfs's patches (scripts/setup.sh) passes a directory's inode to readdir
-# when there was no OPENDIR.
-NO_OPENDIR = "readdir-ino" in getattr(pyfuse3, "cowfs_patches", ())
+# when there was no OPENDIR. COWFS_OPENDIR=1 runs as on an unpatched pyfuse3 (tests use it).
+NO_OPENDIR = (
+    "readdir-ino" in getattr(pyfuse3, "cowfs_patches", ())
+    and os.environ.get("COWFS_OPENDIR") != "1"
+)
 
 # Layers are immutable and the upper changes only through this mount, so the kernel may keep
 # names, attributes and negative entries as long as it likes.

@@ -78,6 +78,25 @@ def test_the_kernel_keeps_listings_until_the_directory_changes(layers: dict[str,
         assert requests(trace)[b"READDIRPLUS"] > after[b"READDIRPLUS"]
 
 
+def test_without_the_patch_opendir_hands_out_handles(
+    layers: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COWFS_OPENDIR", "1")
+    (layers["lower0"] / "d").mkdir()
+    for i in range(30):
+        (layers["lower0"] / "d" / f"f{i:02d}").write_text("x")
+    with traced_mount(layers) as (m, trace):
+        for _ in range(3):
+            assert sorted(os.listdir(m / "d")) == [f"f{i:02d}" for i in range(30)]
+        (m / "d" / "new").write_text("y")
+        assert "new" in os.listdir(m / "d")
+    seen = requests(trace)  # after the unmount: RELEASEDIR is sent after close(2) returns
+    assert seen[b"OPENDIR"] >= 4 and seen[b"RELEASEDIR"] >= 4  # every listing asked the daemon
+    text = trace.read_bytes()
+    ids = re.findall(rb"unique: (\d+), opcode: OPENDIR", text)
+    assert all(re.search(rb"unique: %s, success" % i, text) for i in ids), "an OPENDIR failed"
+
+
 def read_while_changing(d: Path, names: list[str]) -> None:
     """Read part of `d`, remove and add names, read the rest: every name that was there all
     along comes exactly once."""
@@ -95,15 +114,20 @@ def read_while_changing(d: Path, names: list[str]) -> None:
     assert not missed, f"names present all along were skipped: {sorted(missed)[:5]}"
 
 
-@pytest.mark.parametrize("kind", ["cowfs", "overlay"])
-def test_a_reader_halfway_through_a_changing_directory(layers: dict[str, Path], kind: str) -> None:
+@pytest.mark.parametrize("kind", ["cowfs", "cowfs-opendir", "overlay"])
+def test_a_reader_halfway_through_a_changing_directory(
+    layers: dict[str, Path], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cowfs-opendir: as on an unpatched pyfuse3 (OPENDIR answered with a handle, no cache)."""
+    if kind == "cowfs-opendir":
+        monkeypatch.setenv("COWFS_OPENDIR", "1")
     (layers["lower0"] / "d").mkdir()
     # Long names: a 4 KiB READDIRPLUS reply holds a dozen, so the reader's getdents calls and
     # the daemon's chunks both end well before the directory does.
     lower = [f"{'l' * 180}{i:03d}" for i in range(300)]
     for name in lower:
         (layers["lower0"] / "d" / name).write_text("x")
-    mount: Callable[..., Any] = cowfs_mount if kind == "cowfs" else overlay_mount
+    mount: Callable[..., Any] = overlay_mount if kind == "overlay" else cowfs_mount
     with mount(layers["mnt"], [layers["lower0"]], layers["upper"], layers["work"]) as m:
         d = m / "d"
         upper = [f"{'u' * 180}{i:03d}" for i in range(100)]
