@@ -93,6 +93,8 @@ class UnionFS:
         # Inodes whose attributes changed behind the kernel's cache (copy-up): the adapter
         # drains this after each request and tells the kernel.
         self.attr_changed: set[int] = set()
+        # readdir's Resolutions of plain files, one per (top layer, layer below): immutable.
+        self._nondir_res: dict[tuple[int, int | None], Resolution] = {}
         self.limiter = trio.CapacityLimiter(4)
         # With the kernel's writeback cache on, it may read pages through a write-only handle:
         # such handles get an O_RDWR backing fd (see `_handle_fd`).
@@ -322,7 +324,10 @@ class UnionFS:
         else:
             sources = []
             fd = -1
-        ino = self._ino_for(res, seen, fd, key, parent, name)
+        if top > 0 and key[0] == "o":
+            ino = self._map_ino(st.st_dev, st.st_ino)  # `_ino_for`'s answer for a lower object
+        else:
+            ino = self._ino_for(res, seen, fd, key, parent, name)
         old = self.table.inodes.get(ino)
         if old is not None:
             if old.links or old.nopen or ino == ROOT_INO:
@@ -524,7 +529,9 @@ class UnionFS:
             return None
         if classify(st.st_mode, st.st_rdev) is not Kind.NONDIR:
             return None
-        res = Resolution(Kind.NONDIR, (top,), below)
+        res = self._nondir_res.get(hint)
+        if res is None:
+            res = self._nondir_res[hint] = Resolution(Kind.NONDIR, (top,), below)
         return self._intern(parent, name, res, {top: _Seen(st)})
 
     def _names_changed(self, inode: Inode) -> None:
