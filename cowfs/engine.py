@@ -482,26 +482,20 @@ class UnionFS:
             for name, kind in entries:
                 first.setdefault(name, kind)  # as merge_listing: the first entry of a name wins
             kinds.append((layer, first))
+        index = {layer: i for i, (layer, _first) in enumerate(kinds)}
         hints: Hints = {}
         fsencode = os.fsencode
         for name, top in merged.items():
-            below = None
-            found = False
-            for layer, first in kinds:
-                if not found:
-                    if layer == top:
-                        if first[name] is not Kind.NONDIR:
-                            break
-                        found = True
-                    continue
+            i = index[top]
+            if kinds[i][1][name] is not Kind.NONDIR:
+                continue
+            below = None  # as `resolve`: the next layer showing the name, if a non-directory
+            for layer, first in kinds[i + 1 :]:
                 kind = first.get(name)
-                if kind is None:
-                    continue
-                if kind is Kind.NONDIR:
-                    below = layer
-                break
-            if found:
-                hints[fsencode(name)] = (top, below)
+                if kind is not None:
+                    below = layer if kind is Kind.NONDIR else None
+                    break
+            hints[fsencode(name)] = (top, below)
         return [fsencode(n) for n in merged], hints
 
     def _listing(self, inode: Inode) -> Listing:
