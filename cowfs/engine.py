@@ -532,15 +532,10 @@ class UnionFS:
         if inode.listing is not None:
             inode.listing.stale = True
 
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """Yields (name, attrs, next offset). Offsets 0/1 are '.' and '..'; the caller counts a
-        lookup for every entry the kernel accepted, except those two."""
-        for name, attr, nxt, _inode in self.readdir_plus(ino, start):
-            yield name, attr, nxt
-
     def readdir_plus(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int, Inode | None]]:
-        """`readdir` with each entry's inode (None for '.' and '..'): the caller adds 1 to its
-        `nlookup` if the kernel accepted the entry, and calls `table.maybe_drop` if not."""
+        """Yields (name, attrs, next offset, inode) from offset `start`; offsets 0 and 1 are '.'
+        and '..' (inode None). The caller adds 1 to an inode's `nlookup` if the kernel accepted
+        the entry, and calls `table.maybe_drop` if not."""
         inode = self.table.get(ino)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -563,9 +558,6 @@ class UnionFS:
                     if child is None:
                         continue  # removed since the listing was read
             yield name, attr(child), nxt, child
-
-    def note_lookup(self, attr: Attr) -> None:
-        self.table.get(attr.ino).nlookup += 1
 
     def releasedir(self, ino: int) -> None:
         inode = self.table.inodes.get(ino)

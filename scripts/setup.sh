@@ -115,14 +115,14 @@ pip_quiet() {
 build_pyfuse3() {
     # Upstream pyfuse3 cannot run a file system without OPENDIR (see the patch's header); cowfs
     # needs that for the kernel's directory cache. The sdist is pinned by hash, then patched.
-    local tmp src
+    local src
     tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT  # also when a step below dies
     say "building pyfuse3 $PYFUSE3_VERSION with cowfs's patch ($(basename "$PYFUSE3_PATCH"))"
     pip_quiet download -q --no-deps --no-binary pyfuse3 "pyfuse3==$PYFUSE3_VERSION" -d "$tmp"
     src="$tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz"
     [ -f "$src" ] || die "pip download did not fetch the pyfuse3 $PYFUSE3_VERSION sdist"
     if [ "$(sha256sum "$src" | cut -d' ' -f1)" != "$PYFUSE3_SHA256" ]; then
-        rm -rf "$tmp"
         die "pyfuse3-$PYFUSE3_VERSION.tar.gz does not have the pinned sha256 $PYFUSE3_SHA256"
     fi
     tar -xzf "$src" -C "$tmp"
@@ -131,6 +131,7 @@ build_pyfuse3() {
     rm -f "$tmp/pyfuse3-$PYFUSE3_VERSION/src/pyfuse3/__init__.c"
     pip_quiet install -q --force-reinstall --no-deps "$tmp/pyfuse3-$PYFUSE3_VERSION"
     rm -rf "$tmp"
+    trap - EXIT
 }
 
 want_stamp="$(

@@ -94,7 +94,7 @@ def run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 def listdir(fs: UnionFS, ino: int) -> list[str]:
     fh = fs.opendir(ino)
     try:
-        return sorted(n.decode() for n, _a, _o in fs.readdir(fh, 0) if n not in (b".", b".."))
+        return sorted(n.decode() for n, _a, _o, i in fs.readdir_plus(fh, 0) if i is not None)
     finally:
         fs.releasedir(fh)
 
